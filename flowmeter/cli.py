@@ -1,0 +1,99 @@
+"""The ``flowmeter`` command line: parses arguments and calls; holds no logic."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="flowmeter: an IPFIX (RFC 7011) flow exporter for Linux gateways and overlay networks.",
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"flowmeter: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def check(profile: Path = typer.Argument(..., help="profile JSON file (its FlowMetadata object)"),
+          as_json: bool = typer.Option(False, "--json", help="print the effective settings as JSON")) -> None:
+    """Check a profile: print its effective settings, or the one-line error (exit 1)."""
+    from .config import ConfigError, load_profile
+
+    try:
+        p = load_profile(profile)
+    except ConfigError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(p.to_dict(), indent=2) if as_json else p.describe())
+
+
+@app.command()
+def templates() -> None:
+    """Print the templates this exporter sends: ID, element names, IDs and lengths."""
+    from exporter.template import default_registry
+
+    typer.echo("\n\n".join(t.describe() for t in default_registry()))
+
+
+@app.command()
+def collect(listen: str = typer.Option("udp/127.0.0.1:4739", "--listen", "-l",
+                                       help="udp/HOST:PORT ([IPv6] in brackets) or file/PATH"),
+            as_json: bool = typer.Option(False, "--json", help="one JSON object per record"),
+            count: Optional[int] = typer.Option(None, "--count", "-c", help="stop after N records"),
+            duration: Optional[float] = typer.Option(None, "--duration", help="stop after S seconds")) -> None:
+    """Receive IPFIX, decode any template, print records; count gaps and malformed messages."""
+    from exporter.collect import collect as run_collect, parse_listen
+
+    try:
+        parse_listen(listen)
+    except ValueError as exc:
+        _fail(str(exc))
+    try:
+        run_collect(listen, as_json, sys.stdout, count=count, duration=duration)
+    except OSError as exc:
+        _fail(f"--listen {listen}: {exc.strerror or exc}")
+
+
+@app.command()
+def exporter(profile: Path = typer.Option(..., "--profile", "-p", help="profile JSON file"),
+             bind: str = typer.Option(..., "--bind", help="ZeroMQ endpoint to pull record batches from, "
+                                      "e.g. ipc:///run/flowmeter/export or tcp://127.0.0.1:5599"),
+             producers: Optional[int] = typer.Option(None, "--producers",
+                                                     help="exit after end-of-stream from this many producers")) -> None:
+    """Run the exporter stage alone: record batches in over ZeroMQ, IPFIX out to the profile's collectors."""
+    from .config import ConfigError, load_profile
+    from exporter.process import run
+
+    try:
+        p = load_profile(profile)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if not p.exporting:
+        typer.echo(f"flowmeter: exporting is off ({'Enabled is false' if not p.enabled else 'no IpFixCollectors'}); "
+                   "batches are received and dropped", err=True)
+    stats = run(p.export_settings(), bind, producers)
+    typer.echo(f"exporter: {stats.records} records in {stats.batches} batches; "
+               f"dropped batches: {sum(stats.dropped.values())} {stats.dropped or ''}".rstrip(), err=True)
+
+
+@app.command()
+def demo(records: int = typer.Option(24, "--records", help="how many synthetic flow records to export")) -> None:
+    """Export synthetic flows through the exporter process to a collector started on loopback, and print them."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(records, sys.stdout))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

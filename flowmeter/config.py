@@ -1,0 +1,341 @@
+"""The profile: flowmeter's settings, read from the ``FlowMetadata`` object of a JSON file.
+
+Every setting is one row of ``SETTINGS``: PascalCase key, the JSON type it
+takes, its default (as written in JSON), what it accepts (said in errors and
+in help), one line of help, and an optional check that converts the JSON
+value into the ``Profile`` attribute. The same table validates a profile,
+renders ``settings_help()`` and turns a ``Profile`` back into JSON.
+
+Other top-level keys of the file belong to the host application and are
+ignored. Anything wrong -- a misspelt key, a wrong type, an impossible
+value, a collector host that does not resolve -- is a ``ConfigError`` whose
+message is one line naming the file, the key, the bad value and what is
+accepted::
+
+    profile.json: Interval: -5 is not 0 or a whole number of milliseconds of at least 1000
+"""
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from exporter.exporting import ExportSettings
+from exporter.transport import CollectorAddress
+
+SECTION = "FlowMetadata"
+DIRECTIONS = ("Both", "SendingToPeer", "ReceivedFromPeer")
+COLLECTOR_FORMS = "Udp/ADDRESS:PORT or File/PATH"
+UINT32_MAX = 0xFFFF_FFFF
+_SHOW_MAX = 80  # longest bad value quoted in an error
+_UDP_TARGET = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]+)")
+
+
+class ConfigError(ValueError):
+    """A profile that cannot be used; the message is one line for the operator."""
+
+
+class _Rejected(Exception):
+    """Raised by a check: ``detail`` replaces "VALUE is not ACCEPTS"; ``where`` follows the key."""
+
+    def __init__(self, detail: str | None = None, where: str = "") -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.where = where
+
+
+def _show(value: Any) -> str:
+    """``value`` as JSON, shortened so that an error stays one readable line."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= _SHOW_MAX else text[:_SHOW_MAX - 3] + "..."
+
+
+def _is_json_type(value: Any, kind: type) -> bool:
+    """JSON typing: a bool is not a number, and an int is a valid float."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+# -- checks: JSON value (already of the setting's type) -> Profile attribute --
+
+def _within(low: int, high: float = math.inf) -> Callable[[int], int]:
+    def check(value: int) -> int:
+        if not low <= value <= high:
+            raise _Rejected()
+        return value
+    return check
+
+
+def _seconds(low: float, *, inclusive: bool) -> Callable[[float], float]:
+    def check(value: float) -> float:
+        try:
+            seconds = float(value)
+        except OverflowError:  # a JSON integer too large for a float
+            raise _Rejected() from None
+        ok = seconds >= low if inclusive else seconds > low
+        if not ok or not math.isfinite(seconds):
+            raise _Rejected()
+        return seconds
+    return check
+
+
+def _interval(value: int) -> int:
+    if value != 0 and value < 1000:
+        raise _Rejected()
+    return value
+
+
+def _direction(value: str) -> str:
+    if value not in DIRECTIONS:
+        raise _Rejected()
+    return value
+
+
+def _collectors(items: list[Any]) -> tuple[CollectorAddress, ...]:
+    seen: dict[CollectorAddress, int] = {}  # address -> index of its first entry
+    for index, item in enumerate(items):
+        where = f"[{index}]"
+        try:
+            address = _collector(item)
+        except _Rejected as exc:
+            raise _Rejected(exc.detail, where) from None
+        if address in seen:
+            raise _Rejected(f"{_show(item)} repeats IpFixCollectors[{seen[address]}]", where)
+        seen[address] = index
+    return tuple(seen)  # dicts keep insertion order: the profile's order
+
+
+def _collector(item: Any) -> CollectorAddress:
+    """One ``"Udp/ADDRESS:PORT"`` or ``"File/PATH"`` entry, host names resolved now."""
+    if not isinstance(item, str):
+        raise _Rejected(f"{_show(item)} is not {COLLECTOR_FORMS}")
+    kind, _, rest = item.partition("/")
+    if kind.lower() == "file":
+        return _file_collector(item, rest)
+    match = _UDP_TARGET.fullmatch(rest) if kind.lower() == "udp" else None
+    if match is None:
+        raise _Rejected(f"{_show(item)} is not {COLLECTOR_FORMS}")
+    port = int(match["port"])
+    if not 1 <= port <= 65535:
+        raise _Rejected(f"port {port} in {_show(item)} is outside 1-65535")
+    if match["v6"] is not None:
+        try:
+            host = str(ipaddress.IPv6Address(match["v6"]))
+        except ValueError:
+            raise _Rejected(f"{_show(match['v6'])} in {_show(item)} is not an IPv6 address") from None
+    else:
+        host = _resolve(match["host"], port, item)
+    return CollectorAddress(kind="udp", host=host, port=port)
+
+
+def _resolve(host: str, port: int, item: str) -> str:
+    """An IPv4 literal as is; a host name through the resolver (first UDP answer)."""
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        pass
+    try:
+        answers = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError, ValueError):  # gaierror, bad IDNA label, NUL
+        raise _Rejected(f"cannot resolve host {_show(host)} in {_show(item)}") from None
+    return str(answers[0][4][0])
+
+
+def _file_collector(item: str, path: str) -> CollectorAddress:
+    if not path:
+        raise _Rejected(f"empty path in {_show(item)}")
+    if os.path.isdir(path):
+        raise _Rejected(f"{_show(path)} in {_show(item)} is a directory")
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise _Rejected(f"directory {_show(parent)} of {_show(item)} does not exist")
+    return CollectorAddress(kind="file", path=path)
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _collector_strings(collectors: tuple[CollectorAddress, ...]) -> list[str]:
+    return [str(c) for c in collectors]
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One key of the ``FlowMetadata`` object and everything said about it."""
+
+    key: str  # PascalCase, as in the profile
+    attr: str  # the Profile attribute
+    type: type  # JSON type taken: bool, int, float (any number), str, list
+    default: Any  # as written in JSON
+    accepts: str  # completes "VALUE is not ..."
+    help: str
+    check: Callable[[Any], Any] = _as_is  # JSON value -> attribute; raises _Rejected
+    dump: Callable[[Any], Any] = _as_is  # attribute -> JSON value
+
+    def parse(self, value: Any) -> Any:
+        """The attribute for a JSON ``value``; raises ``_Rejected``."""
+        if not _is_json_type(value, self.type):
+            raise _Rejected()
+        return self.check(value)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("IpFixCollectors", "collectors", list, [], "a list of strings",
+            "collectors: Udp/ADDRESS:PORT ([IPv6] in brackets, host names resolved at load) "
+            "or File/PATH (RFC 5655 file)", _collectors, _collector_strings),
+    Setting("Direction", "direction", str, "Both", "one of " + ", ".join(DIRECTIONS),
+            "traffic metered: Both, SendingToPeer (egress only), ReceivedFromPeer (ingress only)",
+            _direction),
+    Setting("Interval", "interval_ms", int, 0,
+            "0 or a whole number of milliseconds of at least 1000",
+            "ms between interim records of a long flow; 0 = only at flow end", _interval),
+    Setting("Enabled", "enabled", bool, True, "true or false",
+            "export flow records; enabled with no collector = exporting is off"),
+    Setting("ObservationDomainId", "observation_domain_id", int, 1,
+            f"a whole number from 0 to {UINT32_MAX}",
+            "observation domain ID in the IPFIX message header (RFC 7011 §3.1)",
+            _within(0, UINT32_MAX)),
+    Setting("MaxMessageSize", "max_message_size", int, 1452,
+            "a whole number of octets from 256 to 65507",
+            "largest IPFIX message; 1452 fits a 1500-byte MTU over IPv6 and UDP",
+            _within(256, 65507)),
+    Setting("TemplateRefreshSeconds", "template_refresh_s", float, 30,
+            "a number of seconds greater than 0",
+            "templates are re-sent over UDP this often (RFC 7011 §8.4)",
+            _seconds(0, inclusive=False)),
+    Setting("TemplateRefreshMessages", "template_refresh_messages", int, 256,
+            "a whole number of messages of at least 0",
+            "templates are also re-sent every N messages; 0 = only by time", _within(0)),
+    Setting("StatisticsIntervalSeconds", "statistics_interval_s", float, 60,
+            "a number of seconds of at least 0",
+            "period of the exporter statistics options records; 0 = off",
+            _seconds(0, inclusive=True)),
+    Setting("ExportingProcessId", "exporting_process_id", int, 0,
+            f"a whole number from 0 to {UINT32_MAX}",
+            "exportingProcessId in the statistics records; 0 = the process id",
+            _within(0, UINT32_MAX)),
+)
+KEYS = tuple(s.key for s in SETTINGS)
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """The effective settings of one profile (one attribute per row of ``SETTINGS``)."""
+
+    collectors: tuple[CollectorAddress, ...]
+    direction: str
+    interval_ms: int
+    enabled: bool
+    observation_domain_id: int
+    max_message_size: int
+    template_refresh_s: float
+    template_refresh_messages: int
+    statistics_interval_s: float
+    exporting_process_id: int
+    source: str  # the profile's path, or what the caller called it
+
+    @property
+    def exporting(self) -> bool:
+        """True when records go anywhere: enabled, with at least one collector."""
+        return self.enabled and len(self.collectors) > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON ``FlowMetadata`` object (PascalCase keys)."""
+        return {s.key: s.dump(getattr(self, s.attr)) for s in SETTINGS}
+
+    def describe(self) -> str:
+        """One ``Key: value`` line per setting, then whether and where it exports."""
+        lines = [f"{key}: {_human(value)}" for key, value in self.to_dict().items()]
+        if not self.enabled:
+            lines.append("exporting is OFF: Enabled is false")
+        elif not self.collectors:
+            lines.append("exporting is OFF: no IpFixCollectors")
+        else:
+            lines.append(f"exporting to {len(self.collectors)} collector(s)")
+        return "\n".join(lines)
+
+    def export_settings(self) -> ExportSettings:
+        """What the exporting process needs from the profile."""
+        return ExportSettings(
+            collectors=self.collectors,
+            max_message=self.max_message_size,
+            refresh_s=self.template_refresh_s,
+            refresh_messages=self.template_refresh_messages,
+            stats_interval_s=self.statistics_interval_s,
+            exporting_process_id=self.exporting_process_id,
+        )
+
+
+def _human(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(value) if value else "none"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def load_profile(path: str | os.PathLike[str]) -> Profile:
+    """Read and check the profile file at ``path``; raises ``ConfigError``."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read profile: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: cannot read profile: not UTF-8 text "
+                          f"(byte {exc.start})") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}: not valid JSON: {exc.msg} "
+                          f"(line {exc.lineno} column {exc.colno})") from None
+    return parse_profile(document, source)
+
+
+def parse_profile(obj: Mapping[str, Any], source: str = "<profile>") -> Profile:
+    """Check a whole profile document (its ``FlowMetadata`` object); raises ``ConfigError``."""
+    if not isinstance(obj, Mapping):
+        raise ConfigError(f"{source}: top level is {_show(obj)}, not an object "
+                          f"with a {SECTION} object")
+    if SECTION not in obj:
+        raise ConfigError(f"{source}: no {SECTION} object at the top level")
+    section = obj[SECTION]
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{source}: {SECTION}: {_show(section)} is not an object")
+    for key in section:
+        if key not in KEYS:
+            raise ConfigError(f"{source}: {key}: unknown key; {_suggest(str(key))}")
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        value = section.get(setting.key, setting.default)
+        try:
+            values[setting.attr] = setting.parse(value)
+        except _Rejected as exc:
+            detail = exc.detail or f"{_show(value)} is not {setting.accepts}"
+            raise ConfigError(f"{source}: {setting.key}{exc.where}: {detail}") from None
+    return Profile(source=source, **values)
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, KEYS, n=1)
+    return f"did you mean {close[0]}?" if close else "known keys are " + ", ".join(KEYS)
+
+
+def settings_help() -> str:
+    """One line per ``FlowMetadata`` key: help, accepted values and default."""
+    width = max(len(key) for key in KEYS)
+    return "\n".join(f"{s.key:<{width}}  {s.help} [{s.accepts}; default {_show(s.default)}]"
+                     for s in SETTINGS)

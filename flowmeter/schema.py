@@ -1,0 +1,117 @@
+"""Messages that cross a process boundary (the contract between the processes).
+
+Every message is a ZeroMQ multipart message whose first frame is a msgpack
+map (the header). Data messages add one raw frame: a numpy structured array
+sent with ``copy=False`` and read back with ``np.frombuffer``; no pickles,
+never one msgpack object per packet or record.
+
+==========  =================  ==========================================  =====================
+kind        direction          header fields (besides ``kind``, ``v``)     payload frame
+==========  =================  ==========================================  =====================
+records     worker->exporter   sender, seq, count, template, domain,       ``count`` records of
+                               dtype                                       the flow template
+                                                                           ``template``, host
+                                                                           order
+eos         any producer->     sender, seq                                 none
+            its consumer
+==========  =================  ==========================================  =====================
+
+* ``v`` is the schema version (``VERSION``); a receiver drops (and counts)
+  any other version: a new field is a new version.
+* ``sender`` names the producer (e.g. ``"worker-2"``); ``seq`` numbers its
+  messages from 0, so a receiver can count gaps.
+* ``template`` is the name of a template in ``exporter.template``
+  (``"ipv4_tcp"``, ... ``"ipv6_other"``), ``dtype`` its ``dtype.descr`` as
+  a string; the receiver checks both, and ``count * itemsize == len(frame)``,
+  before it touches the bytes.
+* ``domain`` is the observation domain id the records belong to.
+* Every producer ends with ``eos``; a consumer that knows how many
+  producers it has is drained when it holds one ``eos`` from each.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+import numpy.typing as npt
+
+VERSION = 1
+KIND_RECORDS = "records"
+KIND_EOS = "eos"
+MAX_HEADER = 4096  # octets; a longer header frame is hostile
+
+
+class SchemaError(ValueError):
+    """A message that does not follow this schema (counted and dropped by receivers)."""
+
+
+def dtype_tag(dtype: np.dtype) -> str:
+    return str(dtype.descr)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordsHeader:
+    sender: str
+    seq: int
+    count: int
+    template: str
+    domain: int
+    dtype: str
+
+    def pack(self) -> bytes:
+        return msgpack.packb({"kind": KIND_RECORDS, "v": VERSION, "sender": self.sender, "seq": self.seq,
+                              "count": self.count, "template": self.template, "domain": self.domain,
+                              "dtype": self.dtype})
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    sender: str
+    seq: int
+
+    def pack(self) -> bytes:
+        return msgpack.packb({"kind": KIND_EOS, "v": VERSION, "sender": self.sender, "seq": self.seq})
+
+
+def records_message(sender: str, seq: int, template: str, domain: int, records: npt.NDArray) -> list:
+    """The frames of a ``records`` message (send with ``send_multipart(..., copy=False)``)."""
+    header = RecordsHeader(sender, seq, len(records), template, domain, dtype_tag(records.dtype))
+    return [header.pack(), np.ascontiguousarray(records)]
+
+
+def parse_header(frame: bytes | memoryview) -> RecordsHeader | EndOfStream:
+    """Check and type the header frame of any message; ``SchemaError`` if it is not ours."""
+    if len(frame) > MAX_HEADER:
+        raise SchemaError(f"header of {len(frame)} octets is longer than {MAX_HEADER}")
+    try:
+        h = msgpack.unpackb(bytes(frame), raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises many types on hostile input
+        raise SchemaError(f"header is not msgpack: {type(exc).__name__}") from None
+    if not isinstance(h, dict):
+        raise SchemaError("header is not a map")
+    if h.get("v") != VERSION:
+        raise SchemaError(f"schema version {h.get('v')!r} is not {VERSION}")
+    kind = h.get("kind")
+    try:
+        if kind == KIND_RECORDS:
+            out = RecordsHeader(str(h["sender"]), int(h["seq"]), int(h["count"]), str(h["template"]),
+                                int(h["domain"]), str(h["dtype"]))
+            if out.count < 0 or not 0 <= out.domain <= 0xFFFFFFFF:
+                raise SchemaError("count or domain out of range")
+            return out
+        if kind == KIND_EOS:
+            return EndOfStream(str(h["sender"]), int(h["seq"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SchemaError(f"{kind} header lacks or mistypes a field: {exc}") from None
+    raise SchemaError(f"unknown message kind {kind!r}")
+
+
+def records_from_frame(header: RecordsHeader, dtype: np.dtype, frame: bytes | memoryview) -> npt.NDArray:
+    """The record array of a ``records`` message, after checking dtype and size."""
+    if header.dtype != dtype_tag(dtype):
+        raise SchemaError(f"template {header.template}: dtype {header.dtype} is not {dtype_tag(dtype)}")
+    size = len(frame)
+    if header.count * dtype.itemsize != size:
+        raise SchemaError(f"{header.count} records of {dtype.itemsize} octets is not {size} octets")
+    return np.frombuffer(frame, dtype=dtype)

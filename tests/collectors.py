@@ -1,0 +1,179 @@
+"""Real collectors and dissectors for the tests: nfcapd/nfdump, tshark, ipfixDump, nfacctd.
+
+Each helper starts the real program on loopback, waits until it is ready,
+and stops it; readers turn the program's own output into plain dicts so
+the tests compare values, not formats.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+UTC_ENV = {**os.environ, "TZ": "UTC"}
+
+TCP_FLAG_LETTERS = "CEUAPRSF"  # nfdump's order: CWR ECE URG ACK PSH RST SYN FIN
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_bound(port: int, family=socket.AF_INET, host="127.0.0.1") -> bool:
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _wait_bound(port: int, proc: subprocess.Popen, what: str, log: Path, family=socket.AF_INET,
+                host="127.0.0.1", timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        if _port_bound(port, family, host):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not bind port {port}: {log.read_text()[-2000:]}")
+
+
+def require(*programs: str) -> None:
+    missing = [p for p in programs if shutil.which(p) is None]
+    if missing:
+        raise RuntimeError(f"missing programs {missing}: .ci/run installs them")
+
+
+class Nfcapd:
+    """nfcapd on a loopback port, writing into ``directory``; ``records()`` reads it back via nfdump."""
+
+    def __init__(self, directory: Path, host: str = "127.0.0.1") -> None:
+        require("nfcapd", "nfdump")
+        self.directory = directory
+        self.host = host
+        self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.port = free_udp_port()
+        self.log = directory / "nfcapd.log"
+        self.flows = directory / "flows"
+        self.flows.mkdir(parents=True, exist_ok=True)
+        args = ["nfcapd", "-b", host, "-p", str(self.port), "-w", str(self.flows), "-t", "3600",
+                "-B", str(8 << 20)]
+        if self.family == socket.AF_INET6:
+            args.append("-6")
+        self._fh = open(self.log, "w")
+        self.proc = subprocess.Popen(args, stdout=self._fh, stderr=subprocess.STDOUT, env=UTC_ENV)
+        _wait_bound(self.port, self.proc, "nfcapd", self.log, self.family, host)
+
+    @property
+    def collector(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"Udp/{host}:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            time.sleep(0.3)  # let the last datagrams in the socket buffer be read
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._fh.close()
+
+    def records(self) -> list[dict]:
+        """Flow records as nfdump prints them with ``-o json`` (times in UTC)."""
+        self.stop()
+        out = subprocess.run(["nfdump", "-R", str(self.flows), "-o", "json"], capture_output=True,
+                             text=True, env=UTC_ENV, check=True).stdout
+        return [r for r in json.loads(out or "[]") if r.get("type") == "FLOW"]
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
+
+def nfdump_flags(text: str) -> int:
+    """nfdump's flag string (e.g. ``...AP.SF``) as a tcpControlBits value."""
+    bits = 0
+    for i, ch in enumerate(text[-8:]):
+        if ch != ".":
+            bits |= 0x80 >> i
+    return bits
+
+
+def ipfixdump_records(path: Path) -> list[dict]:
+    """Data records as ``ipfixDump --data`` prints them: one dict per record, fields by name."""
+    require("ipfixDump")
+    out = subprocess.run(["ipfixDump", "--in", str(path), "--data"], capture_output=True, text=True,
+                         env=UTC_ENV, check=True).stdout
+    records: list[dict] = []
+    cur: dict | None = None
+    for line in out.splitlines():
+        if line.startswith("--- data record"):
+            cur = {}
+            records.append(cur)
+        elif line.startswith("---"):
+            cur = None
+        elif cur is not None:
+            m = re.match(r"\s*count:\s*\d+\s+tid:\s*(\d+)", line)
+            if m:
+                cur["_tid"] = int(m.group(1))
+                continue
+            m = re.match(r"\s*\((\d+)\)\s*(?:\(S\)\s*)?(\w+)\s*:\s*(.*)$", line)
+            if m:
+                cur[m.group(2)] = m.group(3).strip()
+    return records
+
+
+class TsharkCapture:
+    """tshark capturing UDP to ``port`` on loopback into a pcap file."""
+
+    def __init__(self, directory: Path, port: int) -> None:
+        require("tshark")
+        self.port = port
+        self.pcap = directory / f"capture-{port}.pcap"
+        self.log = directory / f"tshark-{port}.log"
+        self._fh = open(self.log, "w")
+        self.proc = subprocess.Popen(
+            ["tshark", "-i", "lo", "-f", f"udp dst port {port}", "-w", str(self.pcap), "-q"],
+            stdout=self._fh, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tshark exited: {self.log.read_text()}")
+            if "Capturing on" in self.log.read_text():
+                time.sleep(0.3)
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"tshark did not start: {self.log.read_text()}")
+
+    def stop(self) -> Path:
+        time.sleep(0.5)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._fh.close()
+        return self.pcap
+
+
+def tshark_fields(pcap: Path, port: int, fields: list[str], display_filter: str = "cflow") -> list[list[str]]:
+    """``tshark -T fields`` output for the capture, decoding ``port`` as IPFIX (cflow)."""
+    args = ["tshark", "-r", str(pcap), "-d", f"udp.port=={port},cflow", "-Y", display_filter,
+            "-T", "fields", "-E", "separator=\t", "-E", "occurrence=a", "-E", "aggregator=,"]
+    for f in fields:
+        args += ["-e", f]
+    out = subprocess.run(args, capture_output=True, text=True, env=UTC_ENV, check=True).stdout
+    return [line.split("\t") for line in out.splitlines()]
