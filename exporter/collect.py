@@ -79,6 +79,11 @@ def parse_listen(listen: str) -> ListenSpec:
         host, colon, port_text = rest.rpartition(":")
         if not colon or not host or ":" in host:
             raise bad
+        if all(ch.isdigit() or ch == "." for ch in host):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f'--listen: "{listen}": "{host}" is not an IPv4 address') from None
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f'--listen: "{listen}": port "{port_text}" is not 0-65535')
     return ListenSpec("udp", host=host, port=int(port_text))

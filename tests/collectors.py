@@ -137,14 +137,16 @@ def ipfixdump_records(path: Path) -> list[dict]:
 class TsharkCapture:
     """tshark capturing UDP to ``port`` on loopback into a pcap file."""
 
-    def __init__(self, directory: Path, port: int) -> None:
+    def __init__(self, directory: Path, *ports: int) -> None:
         require("tshark")
-        self.port = port
-        self.pcap = directory / f"capture-{port}.pcap"
-        self.log = directory / f"tshark-{port}.log"
+        self.ports = ports
+        tag = "-".join(map(str, ports))
+        self.pcap = directory / f"capture-{tag}.pcap"
+        self.log = directory / f"tshark-{tag}.log"
         self._fh = open(self.log, "w")
+        bpf = " or ".join(f"udp dst port {p}" for p in ports)
         self.proc = subprocess.Popen(
-            ["tshark", "-i", "lo", "-f", f"udp dst port {port}", "-w", str(self.pcap), "-q"],
+            ["tshark", "-i", "lo", "-f", bpf, "-w", str(self.pcap), "-q"],
             stdout=self._fh, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -169,10 +171,13 @@ class TsharkCapture:
         return self.pcap
 
 
-def tshark_fields(pcap: Path, port: int, fields: list[str], display_filter: str = "cflow") -> list[list[str]]:
-    """``tshark -T fields`` output for the capture, decoding ``port`` as IPFIX (cflow)."""
-    args = ["tshark", "-r", str(pcap), "-d", f"udp.port=={port},cflow", "-Y", display_filter,
+def tshark_fields(pcap: Path, port: int | tuple[int, ...], fields: list[str],
+                  display_filter: str = "cflow") -> list[list[str]]:
+    """``tshark -T fields`` output for the capture, decoding ``port`` (or ports) as IPFIX (cflow)."""
+    args = ["tshark", "-r", str(pcap), "-Y", display_filter,
             "-T", "fields", "-E", "separator=\t", "-E", "occurrence=a", "-E", "aggregator=,"]
+    for p in (port,) if isinstance(port, int) else port:
+        args += ["-d", f"udp.port=={p},cflow"]
     for f in fields:
         args += ["-e", f]
     out = subprocess.run(args, capture_output=True, text=True, env=UTC_ENV, check=True).stdout
