@@ -1,0 +1,138 @@
+"""The exporter process: the ZeroMQ contract, hostile feed messages, draining on stop."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+
+import msgpack
+import numpy as np
+import zmq
+
+from exporter import process
+from exporter.exporting import ExportSettings
+from exporter.message import HEADER
+from exporter.template import default_registry
+from exporter.transport import CollectorAddress
+from flowmeter.schema import EndOfStream, records_message
+from flowmeter.synthetic import synthetic_records
+
+RECORD_LEN = {t.template_id: t.record_length for t in default_registry()}
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.5)
+        self.address = CollectorAddress("udp", "127.0.0.1", self.sock.getsockname()[1])
+
+    def flow_records(self) -> int:
+        n = 0
+        while True:
+            try:
+                msg = self.sock.recv(70000)
+            except socket.timeout:
+                return n
+            _, length, _, _, domain = HEADER.unpack_from(msg)
+            off = 16
+            while off < length:
+                sid, slen = int.from_bytes(msg[off:off + 2], "big"), int.from_bytes(msg[off + 2:off + 4], "big")
+                if sid >= 256 and domain != 0:
+                    n += (slen - 4) // RECORD_LEN[sid]
+                off += slen
+
+
+def _start_thread(settings, endpoint, producers=None):
+    stop = threading.Event()
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault(
+        "stats", process.run(settings, endpoint, producers, stop_event=stop)), daemon=True)
+    t.start()
+    return t, stop, result
+
+
+def test_hostile_feed_messages_are_counted_and_dropped(tmp_path):
+    sink = Sink()
+    endpoint = f"ipc://{tmp_path}/export"
+    settings = ExportSettings(collectors=(sink.address,), stats_interval_s=0)
+    t, stop, result = _start_thread(settings, endpoint, producers=1)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(endpoint)
+    good = synthetic_records("ipv4_tcp", 7)
+    hdr = lambda **kw: msgpack.packb({"kind": "records", "v": 1, "sender": "w", "seq": 0, "count": 7,
+                                      "template": "ipv4_tcp", "domain": 1,
+                                      "dtype": str(good.dtype.descr), **kw})
+    hostile = [
+        [b"\xc1\xff not msgpack"],                                  # bad header
+        [msgpack.packb([1, 2, 3])],                                 # bad header (not a map)
+        [hdr(v=99), good.tobytes()],                                # bad header (version)
+        [hdr(kind="bogus"), good.tobytes()],                        # bad header (kind)
+        [hdr(count="seven"), good.tobytes()],                       # bad header (type)
+        [b"\x00" * 5000],                                           # bad header (too long)
+        [hdr(template="ipv9_tcp"), good.tobytes()],                 # unknown template
+        [hdr(template="exporter_stats"), good.tobytes()],           # unknown template (not a flow one)
+        [hdr(), good.tobytes()[:-1]],                               # bad payload (size)
+        [hdr(count=8), good.tobytes()],                             # bad payload (count)
+        [hdr(dtype="[('x', '<u8')]"), good.tobytes()],              # bad payload (dtype)
+        [hdr()],                                                    # bad frame count
+        [hdr(), good.tobytes(), b"extra"],                          # bad frame count
+    ]
+    for frames in hostile:
+        push.send_multipart(frames)
+    push.send_multipart(records_message("w", 1, "ipv4_tcp", 1, good), copy=False)
+    push.send(EndOfStream("w", 2).pack())
+    t.join(20)
+    push.close()
+    ctx.term()
+    assert not t.is_alive()
+    stats = result["stats"]
+    assert stats.dropped == {"bad header": 6, "unknown template": 2, "bad payload": 3, "bad frame count": 2}
+    assert stats.records == 7
+    assert sink.flow_records() == 7
+
+
+def _exporter_child(settings, endpoint):
+    process.run(settings, endpoint)
+
+
+def test_sigterm_exports_every_batch_already_received(tmp_path):
+    sink = Sink()
+    endpoint = f"ipc://{tmp_path}/export"
+    settings = ExportSettings(collectors=(sink.address,), stats_interval_s=0)
+    child = multiprocessing.get_context("fork").Process(target=_exporter_child, args=(settings, endpoint))
+    child.start()
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 5000)
+    push.connect(endpoint)
+    total = 0
+    for i in range(200):
+        recs = synthetic_records("ipv6_udp", 50, seed=i)
+        push.send_multipart(records_message("w", i, "ipv6_udp", 1, recs), copy=False)
+        total += len(recs)
+    push.close()  # linger: everything is handed to the exporter's socket
+    ctx.term()
+    os.kill(child.pid, signal.SIGTERM)  # no end-of-stream: the signal alone must drain
+    child.join(20)
+    assert child.exitcode == 0
+    assert sink.flow_records() == total
+
+
+def test_exporting_off_still_drains_and_exits(tmp_path):
+    endpoint = f"ipc://{tmp_path}/export"
+    t, stop, result = _start_thread(ExportSettings(collectors=(), stats_interval_s=0), endpoint, producers=1)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(endpoint)
+    push.send_multipart(records_message("w", 0, "ipv4_other", 1, synthetic_records("ipv4_other", 3)), copy=False)
+    push.send(EndOfStream("w", 1).pack())
+    t.join(10)
+    push.close()
+    ctx.term()
+    assert not t.is_alive() and result["stats"].records == 3
