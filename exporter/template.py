@@ -124,15 +124,20 @@ class Template:
         return "\n".join(lines)
 
 
+_REDUCED = {"tcpControlBits": 1}
+
+
 def _els(*names: str) -> tuple[InformationElement, ...]:
-    return tuple(IE[n] for n in names)
+    return tuple(IE[n].with_length(_REDUCED[n]) if n in _REDUCED else IE[n] for n in names)
 
 
 # --- the flow templates: IPv4/IPv6 x TCP, UDP, ICMP, other -------------------
 #
 # Class "udp" also carries the other protocols whose first four transport
 # octets are the two ports (SCTP 132, DCCP 33, UDP-Lite 136): see FLOW_CLASS.
-# tcpControlBits is 2 octets so that ECE/CWR/NS survive (RFC 9565);
+# tcpControlBits is reduced to 1 octet (RFC 7011 §6.2): the meter sees the
+# flags octet of the TCP header (CWR..FIN), and pmacct's nfacctd reads only
+# the first octet of the field (a 2-octet field shows as flags 0 there).
 # forwardingStatus is the 1-octet reduced size RFC 9710 asks for.
 
 _TIMES_COUNTS = ("flowStartMilliseconds", "flowEndMilliseconds", "octetDeltaCount", "packetDeltaCount")

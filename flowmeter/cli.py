@@ -35,6 +35,14 @@ def check(profile: Path = typer.Argument(..., help="profile JSON file (its FlowM
 
 
 @app.command()
+def settings() -> None:
+    """Print every profile setting (FlowMetadata key) with its default and accepted values."""
+    from .config import settings_help
+
+    typer.echo(settings_help())
+
+
+@app.command()
 def templates() -> None:
     """Print the templates this exporter sends: ID, element names, IDs and lengths."""
     from exporter.template import default_registry

@@ -182,3 +182,50 @@ def tshark_fields(pcap: Path, port: int | tuple[int, ...], fields: list[str],
         args += ["-e", f]
     out = subprocess.run(args, capture_output=True, text=True, env=UTC_ENV, check=True).stdout
     return [line.split("\t") for line in out.splitlines()]
+
+
+class Nfacctd:
+    """pmacct's nfacctd on a loopback port, printing every flow as JSON lines."""
+
+    PRIMITIVES = "src_host, dst_host, src_port, dst_port, proto, tcpflags, tos, timestamp_start, timestamp_end"
+
+    def __init__(self, directory: Path) -> None:
+        require("nfacctd")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_udp_port()
+        self.output = directory / "nfacctd.json"
+        self.log = directory / "nfacctd.log"
+        conf = directory / "nfacctd.conf"
+        conf.write_text(
+            "daemonize: false\n"
+            "nfacctd_ip: 127.0.0.1\n"
+            f"nfacctd_port: {self.port}\n"
+            "plugins: print[out]\n"
+            f"aggregate[out]: {self.PRIMITIVES}\n"
+            "print_output[out]: json\n"
+            f"print_output_file[out]: {self.output}\n"
+            "print_output_file_append[out]: true\n"
+            "print_refresh_time[out]: 1\n"
+            "timestamps_secs: false\n"
+            f"logfile: {self.log}\n")
+        self._fh = open(directory / "nfacctd.stdout", "w")
+        self.proc = subprocess.Popen(["nfacctd", "-f", str(conf)], stdout=self._fh, stderr=subprocess.STDOUT,
+                                     env=UTC_ENV)
+        _wait_bound(self.port, self.proc, "nfacctd", directory / "nfacctd.stdout")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            time.sleep(2.5)  # two print refresh periods: every record is written
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._fh.close()
+
+    def records(self) -> list[dict]:
+        self.stop()
+        if not self.output.exists():
+            return []
+        return [json.loads(line) for line in self.output.read_text().splitlines() if line.strip()]

@@ -1,7 +1,8 @@
-"""Our exporter process judged by real collectors: nfcapd/nfdump, tshark, ipfixDump.
+"""Our exporter process judged by real collectors: nfcapd/nfdump, nfacctd, tshark, ipfixDump.
 
 One export run (the real exporter process fed over ZeroMQ, as workers feed
-it) goes at once to nfcapd on 127.0.0.1, nfcapd on [::1], and an IPFIX file;
+it) goes at once to nfcapd on 127.0.0.1, nfcapd on [::1], pmacct's nfacctd
+on 127.0.0.1 and an IPFIX file;
 tshark captures the IPv4 collector's traffic. Every record of every flow
 template must come back from each independent decoder with the values sent.
 """
@@ -13,7 +14,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from collectors import Nfcapd, TsharkCapture, ipfixdump_records, nfdump_flags, tshark_fields
+from collectors import Nfacctd, Nfcapd, TsharkCapture, ipfixdump_records, nfdump_flags, tshark_fields
 from exporter.exporting import ExportSettings
 from exporter.transport import CollectorAddress
 from flowmeter.demo import export_batches
@@ -39,23 +40,27 @@ def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("collectors")
     v4 = Nfcapd(d / "v4", "127.0.0.1")
     v6 = Nfcapd(d / "v6", "::1")
+    pm = Nfacctd(d / "pmacct")
     ipfix_file = d / "export.ipfix"
     cap = TsharkCapture(d, v4.port)
     batches = [(name, DOMAIN, synthetic_records(name, PER_TEMPLATE, seed=i))
                for i, name in enumerate(FLOW_TEMPLATE_NAMES)]
     settings = ExportSettings(
         collectors=(CollectorAddress("udp", "127.0.0.1", v4.port), CollectorAddress("udp", "::1", v6.port),
+                    CollectorAddress("udp", "127.0.0.1", pm.port),
                     CollectorAddress("file", path=str(ipfix_file))),
         max_message=1452, stats_interval_s=60)
     try:
         code = export_batches(settings, batches)
         pcap = cap.stop()
         yield {"code": code, "batches": batches, "v4": v4.records(), "v6": v6.records(),
+               "pmacct": pm.records(),
                "v4_log": v4.log_text(), "file": ipfix_file, "pcap": pcap, "port": v4.port}
     finally:
         cap.stop()
         v4.stop()
         v6.stop()
+        pm.stop()
 
 
 def expected_nfdump(batches) -> Counter:
@@ -186,3 +191,27 @@ def test_tshark_shows_templates_before_data(exported):
         if any(int(s) >= 256 for s in filter(None, set_ids.split(","))) and od == DOMAIN:
             assert packets, f"frame {frame}: data not decoded"
     assert data_seen > 0
+
+
+def test_nfacctd_reads_the_same_records(exported):
+    """pmacct's nfacctd, a second independent decoder of the UDP export."""
+    got = Counter()
+    for r in exported["pmacct"]:
+        got[(str(ipaddress.ip_address(r["ip_src"])), str(ipaddress.ip_address(r["ip_dst"])),
+             r.get("port_src", 0), r.get("port_dst", 0), int(r["tcp_flags"]), int(r["tos"]),
+             r["timestamp_start"], r["timestamp_end"], r["packets"], r["bytes"])] += 1
+    want = Counter()
+    for name, _, recs in exported["batches"]:
+        v6 = name.startswith("ipv6")
+        names = recs.dtype.names
+        for rec in recs:
+            ts = [datetime.fromtimestamp(int(rec[f]) / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+                  for f in ("flowStartMilliseconds", "flowEndMilliseconds")]
+            want[(_addr(rec["sourceIPv6Address" if v6 else "sourceIPv4Address"]),
+                  _addr(rec["destinationIPv6Address" if v6 else "destinationIPv4Address"]),
+                  int(rec["sourceTransportPort"]) if "sourceTransportPort" in names else 0,
+                  int(rec["destinationTransportPort"]) if "destinationTransportPort" in names else 0,
+                  int(rec["tcpControlBits"]) if "tcpControlBits" in names else 0, int(rec["ipClassOfService"]),
+                  ts[0], ts[1], int(rec["packetDeltaCount"]), int(rec["octetDeltaCount"]))] += 1
+    assert sum(want.values()) == PER_TEMPLATE * len(FLOW_TEMPLATE_NAMES)
+    assert got == want
