@@ -29,9 +29,10 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Iterable, TextIO
+from typing import TextIO
 
 from .decoder import DecodedRecord, Decoder, DecoderStats, Value, describe_source
 
@@ -253,15 +254,16 @@ def collect(
     duration: float | None = None,
     stop: threading.Event | None = None,
     err: TextIO = sys.stderr,
-    ready: Callable[[str], None] | None = None,
+    ready: Callable[[], None] | None = None,
 ) -> DecoderStats:
     """Receive or read IPFIX, print every data record, return the decoder's counters.
 
     Stops after ``count`` records, after ``duration`` seconds, when ``stop``
     is set, on KeyboardInterrupt, or (``file/``) at the end of the file;
-    ``count`` and ``duration`` of None or 0 mean no limit. ``ready`` is
-    called with the bound address (``udp/HOST:PORT``, the real port when
-    0 was asked) once datagrams can be received. Raises ValueError for a
+    ``count`` and ``duration`` of None or 0 mean no limit. ``ready()`` is
+    called once datagrams can be received (or the file is open); the bound
+    address (the real port when 0 was asked) is the first line on ``err``,
+    ``collect: listening on udp/HOST:PORT``. Raises ValueError for a
     bad ``listen`` and OSError (with the address in the text) when the
     socket cannot be bound or the file cannot be opened.
     """
@@ -290,7 +292,7 @@ def collect(
 
 
 def _collect_udp(spec: ListenSpec, decoder: Decoder, printer: _Printer, stopping: Callable[[], bool],
-                 err: TextIO, ready: Callable[[str], None] | None) -> None:
+                 err: TextIO, ready: Callable[[], None] | None) -> None:
     try:
         sock = _bind(spec)
     except OSError as exc:
@@ -303,7 +305,7 @@ def _collect_udp(spec: ListenSpec, decoder: Decoder, printer: _Printer, stopping
         err.write(f"collect: listening on {bound}{note}\n")
         err.flush()
         if ready is not None:
-            ready(bound)
+            ready()
         while not stopping():
             try:
                 data, address = sock.recvfrom(MAX_DATAGRAM)
@@ -315,14 +317,14 @@ def _collect_udp(spec: ListenSpec, decoder: Decoder, printer: _Printer, stopping
 
 
 def _collect_file(spec: ListenSpec, decoder: Decoder, printer: _Printer, stopping: Callable[[], bool],
-                  ready: Callable[[str], None] | None) -> None:
+                  ready: Callable[[], None] | None) -> None:
     try:
         fh = open(spec.path, "rb")
     except OSError as exc:
         raise OSError(exc.errno, f"cannot read {spec}: {exc.strerror or exc}") from None
     with fh:
         if ready is not None:
-            ready(str(spec))
+            ready()
         for records in decoder.iter_stream(fh, source=spec.path):
             if printer.write(records) or stopping():
                 return

@@ -42,8 +42,9 @@ import io
 import ipaddress
 import socket
 import struct
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Hashable, Iterator, Union
+from typing import BinaryIO
 
 import numpy as np
 
@@ -51,7 +52,7 @@ from .ie import VARLEN, InformationElement, lookup
 from .message import HEADER, HEADER_LEN, SET_HEADER, SET_HEADER_LEN, VERSION
 from .template import MIN_DATA_SET_ID, SET_OPTIONS_TEMPLATE, SET_TEMPLATE
 
-Value = Union[int, float, str, bool]
+Value = int | float | str | bool  # a decoded field value
 
 _TEMPLATE_HDR = struct.Struct("!HH")  # template id, field count
 _SCOPE_COUNT = struct.Struct("!H")
@@ -194,6 +195,7 @@ class ReceivedTemplate:
     template_id: int
     fields: tuple[ReceivedField, ...]
     scope_count: int
+    specifiers: tuple[tuple[int, int, int], ...]  # (pen, element id, field length) as received
     min_record_length: int  # fixed lengths + 1 octet per variable-length field
     fixed: bool  # no variable-length field: every record is min_record_length octets
     wire_dtype: np.dtype | None = field(compare=False, repr=False)  # None: per-record only
@@ -232,7 +234,7 @@ def compile_template(template_id: int, specifiers: list[tuple[int, int, int]], s
         columns = [_numpy_column(f.element, f.length) for f in fields]
         wire_dtype = np.dtype([(f.key, code) for f, (code, _) in zip(fields, columns)])
         posts = tuple(post for _, post in columns)
-    return ReceivedTemplate(template_id, tuple(fields), scope_count, min_length, fixed, wire_dtype, posts)
+    return ReceivedTemplate(template_id, tuple(fields), scope_count, tuple(specifiers), min_length, fixed, wire_dtype, posts)
 
 
 # --- results ---------------------------------------------------------------
@@ -431,12 +433,16 @@ class Decoder:
                     pos += _PEN.size
                     element_id &= ~ENTERPRISE_BIT
                 specifiers.append((pen, element_id, length))
-            try:
-                template = compile_template(template_id, specifiers, scope_count)
-            except MalformedError as exc:
-                raise MalformedError(f"domain {domain}: {exc}") from None
-            # RFC 7011 §8.4: over UDP a new definition simply replaces the old one
-            self._templates[(source, domain, template_id)] = template
+            key = (source, domain, template_id)
+            known = self._templates.get(key)
+            if known is None or known.scope_count != scope_count or known.specifiers != tuple(specifiers):
+                try:
+                    template = compile_template(template_id, specifiers, scope_count)
+                except MalformedError as exc:
+                    raise MalformedError(f"domain {domain}: {exc}") from None
+                # RFC 7011 §8.4: over UDP a new definition simply replaces the old one
+                self._templates[key] = template
+            # else: a refresh (RFC 7011 §8.4) of the template we have, nothing to build
             if options:
                 self.stats.options_templates += 1
             else:

@@ -8,7 +8,8 @@ array. Look elements up by name (``IE["octetDeltaCount"]``) or by
 
 The decoder in ``exporter/decoder.py`` also uses this table to name and
 interpret fields of templates it receives from other exporters; an element
-that is not listed is still decoded, as raw octets named ``e<pen>id<id>``.
+that is not listed is still decoded, as raw octets named ``ie<id>`` (IANA)
+or ``e<pen>id<id>`` (enterprise-specific).
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ Worked example (66 octets), a template set and one data record:
 >>> wire = bytes(m.finish(sequence=0, export_time=0x5F5E1000))
 >>> len(wire), wire[:16].hex(" ")
 (66, '00 0a 00 42 5f 5e 10 00 00 00 00 00 00 00 00 01')
->>> wire[16:20].hex(" "), wire[48:52].hex(" "), wire[52:].hex(" ")
+>>> wire[16:20].hex(" "), wire[44:48].hex(" "), wire[48:].hex(" ")
 ('00 02 00 1c', '01 00 00 16', 'c0 00 02 01 c6 33 64 02 06 00 00 00 00 00 00 00 0a 01')
 """
 from __future__ import annotations
