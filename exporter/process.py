@@ -18,6 +18,7 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import zmq
 
@@ -31,6 +32,7 @@ POLL_MS = 100
 FLUSH_AFTER_S = 0.2  # longest a partly filled message waits for more records
 MAX_BATCHES_PER_TURN = 256
 DRAIN_QUIET_MS = 50
+REPORT_S = 10.0  # at most one log line per collector in trouble this often
 RECEIVE_HWM = 1000  # batches queued before producers are held back
 
 
@@ -86,20 +88,36 @@ class Exporter:
         self.exporting.export(template, records, header.domain, now)
 
 
+def _collector_report(exp, last: dict) -> list[str]:
+    """One line per collector whose not-sent count grew since the last report."""
+    lines = []
+    for name, c in exp.totals()["collectors"].items():
+        before = last.get(name, 0)
+        if c["not_sent_messages"] > before:
+            causes = ", ".join(f"{k} {v}" for k, v in sorted(c["errors"].items()))
+            lines.append(f"collector {name}: {c['not_sent_messages'] - before} messages not sent "
+                         f"({c['last_error'] or 'error'}; totals by cause: {causes}); retrying")
+        last[name] = c["not_sent_messages"]
+    return lines
+
+
 def run(settings: ExportSettings, endpoint: str, producers: int | None = None,
-        ready=None, stop_event=None) -> ExporterStats:
+        ready: Callable[[], None] | None = None, stop_event=None,
+        reload: Callable[[], ExportSettings] | None = None) -> ExporterStats:
     """Run the exporter until SIGTERM/SIGINT, ``stop_event``, or end-of-stream from ``producers``.
 
-    ``ready`` (a callable) is called once the socket is bound.
+    ``ready`` is called once the socket is bound. On SIGHUP, ``reload()``
+    gives new settings (collectors, sizes, periods): sessions of collectors
+    that stay keep their sequence numbers and every template is sent again
+    at once; a reload that fails (raises ``ValueError``) keeps the old ones.
     """
-    stopping = False
+    pending: list[int] = []
 
     def _on_signal(signum, frame):  # record in the handler, act in the loop
-        nonlocal stopping
-        stopping = True
+        pending.append(signum)
 
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
-        if stop_event is None else {}
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    old = {s: signal.signal(s, _on_signal) for s in handled} if stop_event is None else {}
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
@@ -111,9 +129,35 @@ def run(settings: ExportSettings, endpoint: str, producers: int | None = None,
         ready()
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
-    last_send = time.monotonic()
+    last_send = last_report = time.monotonic()
+    reported: dict[str, int] = {}
+    stopping = False
+
+    def receive_waiting(now: float, limit: int | None) -> None:
+        n = 0
+        while limit is None or n < limit:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            exporter.handle(frames, now)
+            n += 1
+
     try:
-        while True:
+        while not stopping:
+            while pending:
+                signum = pending.pop(0)
+                if signum == signal.SIGHUP:
+                    if reload is None:
+                        exp.reload()
+                        continue
+                    try:
+                        exp.reload(reload())
+                        log.info("reloaded: %d collector(s); templates sent again", len(exp.sessions))
+                    except ValueError as exc:
+                        log.error("reload refused, keeping the running settings: %s", exc)
+                else:
+                    stopping = True
             if stop_event is not None and stop_event.is_set():
                 stopping = True
             if producers is not None and len(exporter.stats.producers_done) >= producers:
@@ -123,28 +167,24 @@ def run(settings: ExportSettings, endpoint: str, producers: int | None = None,
             events = dict(poller.poll(POLL_MS))
             now = time.monotonic()
             if sock in events:
-                for _ in range(MAX_BATCHES_PER_TURN):
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    exporter.handle(frames, now)
+                receive_waiting(now, MAX_BATCHES_PER_TURN)
             if now - last_send >= FLUSH_AFTER_S or sock not in events:
                 exp.flush(now)
                 last_send = now
             exp.tick(now)
+            if now - last_report >= REPORT_S:
+                for line in _collector_report(exp, reported):
+                    log.warning(line)
+                last_report = now
         # drain: everything already queued on the socket is exported
         # (a short quiet period lets batches still in flight arrive)
         while poller.poll(DRAIN_QUIET_MS):
-            while True:
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                exporter.handle(frames, time.monotonic())
+            receive_waiting(time.monotonic(), None)
         exp.flush()
-        if settings.stats_interval_s:
+        if exp.settings.stats_interval_s:
             exp.send_statistics()
+        for line in _collector_report(exp, reported):
+            log.warning(line)
     finally:
         exp.close()
         sock.close(0)

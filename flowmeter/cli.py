@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
@@ -75,7 +76,10 @@ def exporter(profile: Path = typer.Option(..., "--profile", "-p", help="profile 
                                       "e.g. ipc:///run/flowmeter/export or tcp://127.0.0.1:5599"),
              producers: Optional[int] = typer.Option(None, "--producers",
                                                      help="exit after end-of-stream from this many producers")) -> None:
-    """Run the exporter stage alone: record batches in over ZeroMQ, IPFIX out to the profile's collectors."""
+    """Run the exporter stage alone: record batches in over ZeroMQ, IPFIX out to the profile's collectors.
+
+    SIGTERM or SIGINT drains and exits; SIGHUP re-reads the profile's collectors and sends templates again.
+    """
     from .config import ConfigError, load_profile
     from exporter.process import run
 
@@ -86,7 +90,8 @@ def exporter(profile: Path = typer.Option(..., "--profile", "-p", help="profile 
     if not p.exporting:
         typer.echo(f"flowmeter: exporting is off ({'Enabled is false' if not p.enabled else 'no IpFixCollectors'}); "
                    "batches are received and dropped", err=True)
-    stats = run(p.export_settings(), bind, producers)
+    logging.basicConfig(level=logging.INFO, format="flowmeter exporter: %(message)s", stream=sys.stderr)
+    stats = run(p.export_settings(), bind, producers, reload=lambda: load_profile(profile).export_settings())
     typer.echo(f"exporter: {stats.records} records in {stats.batches} batches; "
                f"dropped batches: {sum(stats.dropped.values())} {stats.dropped or ''}".rstrip(), err=True)
 

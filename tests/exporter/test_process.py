@@ -136,3 +136,45 @@ def test_exporting_off_still_drains_and_exits(tmp_path):
     push.close()
     ctx.term()
     assert not t.is_alive() and result["stats"].records == 3
+
+
+def _exporter_child_with_reload(settings, endpoint, reloaded):
+    process.run(settings, endpoint, reload=lambda: reloaded)
+
+
+def test_sighup_reload_adds_a_collector_and_sends_templates_at_once(tmp_path):
+    first, second = Sink(), Sink()
+    endpoint = f"ipc://{tmp_path}/export"
+    before = ExportSettings(collectors=(first.address,), stats_interval_s=0, refresh_s=3600, refresh_messages=0)
+    after = ExportSettings(collectors=(first.address, second.address), stats_interval_s=0, refresh_s=3600,
+                           refresh_messages=0)
+    child = multiprocessing.get_context("fork").Process(target=_exporter_child_with_reload,
+                                                        args=(before, endpoint, after))
+    child.start()
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 5000)
+    push.connect(endpoint)
+    push.send_multipart(records_message("w", 0, "ipv4_tcp", 1, synthetic_records("ipv4_tcp", 10)), copy=False)
+    time.sleep(0.5)
+    os.kill(child.pid, signal.SIGHUP)
+    time.sleep(0.5)
+    # templates went out again at once, before any new data, with the sequence number kept
+    first.sock.settimeout(1.0)
+    msgs = []
+    while True:
+        try:
+            msgs.append(first.sock.recv(70000))
+        except socket.timeout:
+            break
+    heads = [(HEADER.unpack_from(m)[3], int.from_bytes(m[16:18], "big")) for m in msgs]
+    assert heads == [(0, 2), (0, 256), (10, 2)]
+    push.send_multipart(records_message("w", 1, "ipv4_tcp", 1, synthetic_records("ipv4_tcp", 5)), copy=False)
+    push.close()
+    ctx.term()
+    time.sleep(0.5)
+    os.kill(child.pid, signal.SIGTERM)
+    child.join(20)
+    assert child.exitcode == 0
+    assert first.flow_records() == 5
+    assert second.flow_records() == 5
