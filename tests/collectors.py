@@ -48,6 +48,19 @@ def _wait_bound(port: int, proc: subprocess.Popen, what: str, log: Path, family=
     raise RuntimeError(f"{what} did not bind port {port}: {log.read_text()[-2000:]}")
 
 
+def stop_process(proc: subprocess.Popen, signum: int, settle_s: float) -> None:
+    """Give a running program ``settle_s`` to finish its work, then stop it with ``signum`` (or kill it)."""
+    if proc.poll() is not None:
+        return
+    time.sleep(settle_s)
+    proc.send_signal(signum)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def require(*programs: str) -> None:
     missing = [p for p in programs if shutil.which(p) is None]
     if missing:
@@ -80,14 +93,7 @@ class Nfcapd:
         return f"Udp/{host}:{self.port}"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            time.sleep(0.3)  # let the last datagrams in the socket buffer be read
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGTERM, settle_s=0.3)  # the last datagrams are read first
         self._fh.close()
 
     def records(self) -> list[dict]:
@@ -159,14 +165,7 @@ class TsharkCapture:
         raise RuntimeError(f"tshark did not start: {self.log.read_text()}")
 
     def stop(self) -> Path:
-        time.sleep(0.5)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGINT, settle_s=0.5)  # the last packets are captured first
         self._fh.close()
         return self.pcap
 
@@ -214,14 +213,7 @@ class Nfacctd:
         _wait_bound(self.port, self.proc, "nfacctd", directory / "nfacctd.stdout")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            time.sleep(2.5)  # two print refresh periods: every record is written
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGTERM, settle_s=2.5)  # two print refreshes: every record written
         self._fh.close()
 
     def records(self) -> list[dict]:
