@@ -33,6 +33,10 @@ from exporter.transport import CollectorAddress
 SECTION = "FlowMetadata"
 DIRECTIONS = ("Both", "SendingToPeer", "ReceivedFromPeer")
 COLLECTOR_FORMS = "Udp/ADDRESS:PORT or File/PATH"
+SOURCE_FORMS = "pcap:PATH (a pcap or pcapng file)"
+# forwardingStatus values for frames dropped by policy (IANA, RFC 7270 / RFC 9710)
+DROP_REASONS = {"Unknown": 128, "AclDeny": 129, "AclDrop": 130, "Unroutable": 131, "Policer": 138,
+                "BadTtl": 137, "Rpf": 140, "ForUs": 141}
 UINT32_MAX = 0xFFFF_FFFF
 _SHOW_MAX = 80  # longest bad value quoted in an error
 _UDP_TARGET = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]+)")
@@ -165,6 +169,52 @@ def _file_collector(item: str, path: str) -> CollectorAddress:
     return CollectorAddress(kind="file", path=path)
 
 
+def _sources(items: list[Any]) -> tuple[str, ...]:
+    """``pcap:PATH`` entries (pcap or pcapng files); the path must be a readable file."""
+    out = []
+    for index, item in enumerate(items):
+        where = f"[{index}]"
+        if not isinstance(item, str) or not item.lower().startswith("pcap:") or len(item) == 5:
+            raise _Rejected(f"{_show(item)} is not {SOURCE_FORMS}", where)
+        path = item[5:]
+        if not os.path.isfile(path):
+            raise _Rejected(f"capture file {_show(path)} of {_show(item)} does not exist", where)
+        out.append(path)
+    return tuple(out)
+
+
+def _networks(items: list[Any]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    out = []
+    for index, item in enumerate(items):
+        try:
+            if not isinstance(item, str):
+                raise ValueError
+            out.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise _Rejected(f"{_show(item)} is not an IPv4 or IPv6 network such as "
+                            f"\"192.0.2.0/24\" or \"2001:db8::/32\"", f"[{index}]") from None
+    return tuple(out)
+
+
+def _drop_prefixes(mapping: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    """NFLOG log prefix -> forwardingStatus of a frame dropped by policy (RFC 7270: 128-191)."""
+    out = []
+    for prefix, reason in mapping.items():
+        code = DROP_REASONS.get(reason) if isinstance(reason, str) else None
+        if code is None and isinstance(reason, int) and not isinstance(reason, bool) and 128 <= reason <= 191:
+            code = reason
+        if code is None:
+            raise _Rejected(f"{_show(reason)} is not one of {', '.join(DROP_REASONS)} "
+                            f"or a forwardingStatus from 128 to 191", f"[{_show(prefix)}]")
+        out.append((prefix, code))
+    return tuple(out)
+
+
+def _drop_prefixes_json(pairs: tuple[tuple[str, int], ...]) -> dict[str, Any]:
+    names = {v: k for k, v in DROP_REASONS.items()}
+    return {prefix: names.get(code, code) for prefix, code in pairs}
+
+
 def _as_is(value: Any) -> Any:
     return value
 
@@ -228,6 +278,24 @@ SETTINGS: tuple[Setting, ...] = (
             f"a whole number from 0 to {UINT32_MAX}",
             "exportingProcessId in the statistics records; 0 = the process id",
             _within(0, UINT32_MAX)),
+    Setting("Sources", "sources", list, [], "a list of strings",
+            "what flowmeter run meters: pcap:PATH (pcap or pcapng file)", _sources,
+            lambda paths: [f"pcap:{p}" for p in paths]),
+    Setting("Workers", "workers", int, 0, "a whole number from 0 to 64",
+            "shard workers (flow tables); 0 = chosen for the machine", _within(0, 64)),
+    Setting("IdleTimeout", "idle_timeout_ms", int, 15000,
+            "a whole number of milliseconds of at least 1000",
+            "a flow with no packet for this long ends (flowEndReason idle)", _within(1000)),
+    Setting("MaxFlows", "max_flows", int, 1_000_000, "a whole number from 64 to 100000000",
+            "flows held at once, all workers together; when full the oldest end early "
+            "(flowEndReason lack of resources)", _within(64, 100_000_000)),
+    Setting("LocalNetworks", "local_networks", list, [], "a list of strings",
+            "networks of this side: a frame of unknown direction from inside is SendingToPeer, "
+            "else ReceivedFromPeer", _networks, lambda nets: [str(n) for n in nets]),
+    Setting("DropPrefixes", "drop_prefixes", dict, {"drop": "AclDeny", "deny": "AclDeny", "reject": "AclDrop"},
+            "an object of log prefix: reason",
+            "NFLOG log prefixes (matched case-insensitively at the start) of frames dropped by policy, "
+            "with their forwardingStatus reason", _drop_prefixes, _drop_prefixes_json),
 )
 KEYS = tuple(s.key for s in SETTINGS)
 
@@ -246,12 +314,25 @@ class Profile:
     template_refresh_messages: int
     statistics_interval_s: float
     exporting_process_id: int
+    sources: tuple[str, ...]
+    workers: int
+    idle_timeout_ms: int
+    max_flows: int
+    local_networks: tuple
+    drop_prefixes: tuple[tuple[str, int], ...]
     source: str  # the profile's path, or what the caller called it
 
     @property
     def exporting(self) -> bool:
         """True when records go anywhere: enabled, with at least one collector."""
         return self.enabled and len(self.collectors) > 0
+
+    @property
+    def worker_count(self) -> int:
+        """``Workers``, or when 0 one per CPU core beyond the first (capture and exporter share it), 1-8."""
+        if self.workers:
+            return self.workers
+        return max(1, min(8, (os.cpu_count() or 2) - 1))
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON ``FlowMetadata`` object (PascalCase keys)."""
