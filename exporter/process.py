@@ -22,7 +22,8 @@ from typing import Callable
 
 import zmq
 
-from flowmeter.schema import EndOfStream, SchemaError, parse_header, records_from_frame
+from flowmeter.schema import (EndOfStream, RecordsHeader, SchemaError, control_message, parse_header,
+                              records_from_frame)
 
 from .exporting import ExportingProcess, ExportSettings
 
@@ -70,6 +71,9 @@ class Exporter:
         if isinstance(header, EndOfStream):
             self.stats.producers_done.add(header.sender)
             return
+        if not isinstance(header, RecordsHeader):
+            self.stats.drop("unexpected kind")
+            return
         template = self.exporting.registry.get(header.template)
         if template is None or template.is_options:
             self.stats.drop("unknown template")
@@ -103,10 +107,11 @@ def _collector_report(exp, last: dict) -> list[str]:
 
 def run(settings: ExportSettings, endpoint: str, producers: int | None = None,
         ready: Callable[[], None] | None = None, stop_event=None,
-        reload: Callable[[], ExportSettings] | None = None) -> ExporterStats:
+        reload: Callable[[], ExportSettings] | None = None, control: str | None = None) -> ExporterStats:
     """Run the exporter until SIGTERM/SIGINT, ``stop_event``, or end-of-stream from ``producers``.
 
-    ``ready`` is called once the socket is bound. On SIGHUP, ``reload()``
+    ``ready`` is called once the socket is bound. With ``control`` (a
+    ZeroMQ endpoint of the supervisor), the final counters are pushed there. On SIGHUP, ``reload()``
     gives new settings (collectors, sizes, periods): sessions of collectors
     that stay keep their sequence numbers and every template is sent again
     at once; a reload that fails (raises ``ValueError``) keeps the old ones.
@@ -185,6 +190,16 @@ def run(settings: ExportSettings, endpoint: str, producers: int | None = None,
             exp.send_statistics()
         for line in _collector_report(exp, reported):
             log.warning(line)
+        if control is not None:
+            sock_c = ctx.socket(zmq.PUSH)
+            sock_c.setsockopt(zmq.LINGER, 2000)
+            sock_c.connect(control)
+            st = exporter.stats
+            counters = {"records": st.records, "batches": st.batches, "gaps": st.gaps,
+                        **{f"dropped {k}": v for k, v in st.dropped.items()},
+                        "collectors": exp.totals()["collectors"]}
+            sock_c.send(control_message("stats", "exporter", "exporter", counters=counters, final=True))
+            sock_c.close()
     finally:
         exp.close()
         sock.close(0)

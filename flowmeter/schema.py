@@ -12,8 +12,13 @@ records     worker->exporter   sender, seq, count, template, domain,       ``cou
                                dtype                                       the flow template
                                                                            ``template``, host
                                                                            order
+packets     capture->worker    sender, seq, count, clock_ns                ``count`` rows of
+                                                                           ``PACKET_DTYPE``
 eos         any producer->     sender, seq                                 none
             its consumer
+progress    child->supervisor  sender, role, counters (map)                none
+stats       child->supervisor  sender, role, counters (map), final        none
+error       child->supervisor  sender, role, message                      none
 ==========  =================  ==========================================  =====================
 
 * ``v`` is the schema version (``VERSION``); a receiver drops (and counts)
@@ -25,6 +30,12 @@ eos         any producer->     sender, seq                                 none
   a string; the receiver checks both, and ``count * itemsize == len(frame)``,
   before it touches the bytes.
 * ``domain`` is the observation domain id the records belong to.
+* ``clock_ns`` is the capture's clock after this batch (packet time for a
+  replay): every worker gets every batch's clock, with an empty payload
+  when none of its packets are in it, so timers fire on all shards alike.
+* Control messages (``progress``, ``stats``, ``error``) are small msgpack
+  maps on the supervisor's control socket; ``counters`` maps names to
+  integers.
 * Every producer ends with ``eos``; a consumer that knows how many
   producers it has is drained when it holds one ``eos`` from each.
 """
@@ -39,6 +50,8 @@ import numpy.typing as npt
 VERSION = 1
 KIND_RECORDS = "records"
 KIND_EOS = "eos"
+KIND_PACKETS = "packets"
+CONTROL_KINDS = ("progress", "stats", "error")
 MAX_HEADER = 4096  # octets; a longer header frame is hostile
 
 
@@ -74,13 +87,51 @@ class EndOfStream:
         return msgpack.packb({"kind": KIND_EOS, "v": VERSION, "sender": self.sender, "seq": self.seq})
 
 
+@dataclass(frozen=True, slots=True)
+class PacketsHeader:
+    sender: str
+    seq: int
+    count: int
+    clock_ns: int
+
+    def pack(self) -> bytes:
+        return msgpack.packb({"kind": KIND_PACKETS, "v": VERSION, "sender": self.sender, "seq": self.seq,
+                              "count": self.count, "clock_ns": self.clock_ns})
+
+
+def packets_message(sender: str, seq: int, clock_ns: int, packets: npt.NDArray) -> list:
+    """The frames of a ``packets`` message (``PACKET_DTYPE`` rows, possibly none)."""
+    return [PacketsHeader(sender, seq, len(packets), clock_ns).pack(), np.ascontiguousarray(packets)]
+
+
+def control_message(kind: str, sender: str, role: str, **fields) -> bytes:
+    """A ``progress``, ``stats`` or ``error`` message for the supervisor."""
+    assert kind in CONTROL_KINDS
+    return msgpack.packb({"kind": kind, "v": VERSION, "sender": sender, "role": role, **fields})
+
+
+def parse_control(frame: bytes | memoryview) -> dict:
+    """A checked control message as a dict (kind, sender, role, ...); ``SchemaError`` otherwise."""
+    if len(frame) > 65536:
+        raise SchemaError("control message longer than 65536 octets")
+    try:
+        h = msgpack.unpackb(bytes(frame), raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise SchemaError(f"control message is not msgpack: {type(exc).__name__}") from None
+    if not isinstance(h, dict) or h.get("v") != VERSION or h.get("kind") not in CONTROL_KINDS:
+        raise SchemaError("not a control message of this schema version")
+    if not isinstance(h.get("sender"), str) or not isinstance(h.get("role"), str):
+        raise SchemaError("control message without sender or role")
+    return h
+
+
 def records_message(sender: str, seq: int, template: str, domain: int, records: npt.NDArray) -> list:
     """The frames of a ``records`` message (send with ``send_multipart(..., copy=False)``)."""
     header = RecordsHeader(sender, seq, len(records), template, domain, dtype_tag(records.dtype))
     return [header.pack(), np.ascontiguousarray(records)]
 
 
-def parse_header(frame: bytes | memoryview) -> RecordsHeader | EndOfStream:
+def parse_header(frame: bytes | memoryview) -> RecordsHeader | PacketsHeader | EndOfStream:
     """Check and type the header frame of any message; ``SchemaError`` if it is not ours."""
     if len(frame) > MAX_HEADER:
         raise SchemaError(f"header of {len(frame)} octets is longer than {MAX_HEADER}")
@@ -100,6 +151,11 @@ def parse_header(frame: bytes | memoryview) -> RecordsHeader | EndOfStream:
             if out.count < 0 or not 0 <= out.domain <= 0xFFFFFFFF:
                 raise SchemaError("count or domain out of range")
             return out
+        if kind == KIND_PACKETS:
+            out = PacketsHeader(str(h["sender"]), int(h["seq"]), int(h["count"]), int(h["clock_ns"]))
+            if out.count < 0 or out.clock_ns < 0:
+                raise SchemaError("count or clock out of range")
+            return out
         if kind == KIND_EOS:
             return EndOfStream(str(h["sender"]), int(h["seq"]))
     except (KeyError, TypeError, ValueError) as exc:
@@ -107,9 +163,9 @@ def parse_header(frame: bytes | memoryview) -> RecordsHeader | EndOfStream:
     raise SchemaError(f"unknown message kind {kind!r}")
 
 
-def records_from_frame(header: RecordsHeader, dtype: np.dtype, frame: bytes | memoryview) -> npt.NDArray:
+def records_from_frame(header: RecordsHeader | PacketsHeader, dtype: np.dtype, frame: bytes | memoryview) -> npt.NDArray:
     """The record array of a ``records`` message, after checking dtype and size."""
-    if header.dtype != dtype_tag(dtype):
+    if isinstance(header, RecordsHeader) and header.dtype != dtype_tag(dtype):
         raise SchemaError(f"template {header.template}: dtype {header.dtype} is not {dtype_tag(dtype)}")
     size = len(frame)
     if header.count * dtype.itemsize != size:

@@ -82,6 +82,8 @@ def test_hostile_feed_messages_are_counted_and_dropped(tmp_path):
         [hdr(dtype="[('x', '<u8')]"), good.tobytes()],              # bad payload (dtype)
         [hdr()],                                                    # bad frame count
         [hdr(), good.tobytes(), b"extra"],                          # bad frame count
+        [msgpack.packb({"kind": "packets", "v": 1, "sender": "w", "seq": 0, "count": 0,
+                        "clock_ns": 5}), b""],                          # unexpected kind
     ]
     for frames in hostile:
         push.send_multipart(frames)
@@ -92,7 +94,8 @@ def test_hostile_feed_messages_are_counted_and_dropped(tmp_path):
     ctx.term()
     assert not t.is_alive()
     stats = result["stats"]
-    assert stats.dropped == {"bad header": 6, "unknown template": 2, "bad payload": 3, "bad frame count": 2}
+    assert stats.dropped == {"bad header": 6, "unknown template": 2, "bad payload": 3, "bad frame count": 2,
+                             "unexpected kind": 1}
     assert stats.records == 7
     assert sink.flow_records() == 7
 

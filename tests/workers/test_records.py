@@ -1,0 +1,39 @@
+"""Flow records become the exporter's template batches, one column copy each."""
+from __future__ import annotations
+
+import ipaddress
+
+import numpy as np
+
+from exporter.template import FLOW_DTYPES
+from workers.records import FLOW_RECORD_DTYPE, to_template_batches
+
+
+def test_records_are_sorted_into_the_eight_templates_with_their_values():
+    r = np.zeros(6, FLOW_RECORD_DTYPE)
+    r["ip_version"] = [4, 4, 4, 6, 6, 4]
+    r["proto"] = [6, 17, 1, 58, 47, 132]
+    r["first_ns"], r["last_ns"] = 1_700_000_000_123_456_789, 1_700_000_001_999_999_999
+    r["packets"], r["bytes"] = [1, 2, 3, 4, 5, 6], [100, 200, 300, 400, 500, 600]
+    v6 = int(ipaddress.IPv6Address("2001:db8::1"))
+    r["src_hi"] = [0, 0, 0, v6 >> 64, v6 >> 64, 0]
+    r["src_lo"] = [0x0A000001, 0x0A000002, 0x0A000003, v6 & (2**64 - 1), v6 & (2**64 - 1), 0x0A000004]
+    r["sport"], r["dport"] = 1234, 80
+    r["icmp"] = [0, 0, 0x0800, 0x8000, 0, 0]
+    r["tcp_flags"] = [0x1B, 0, 0, 0, 0, 0]
+    r["fwd_status"] = [0, 129, 0, 0, 0, 0]
+    r["direction"] = [0, 1, 0, 1, 0, 1]
+    r["end_reason"] = [3, 1, 1, 2, 4, 5]
+    out = dict(to_template_batches(r))
+    assert sorted(out) == ["ipv4_icmp", "ipv4_tcp", "ipv4_udp", "ipv6_icmp", "ipv6_other"]
+    assert len(out["ipv4_udp"]) == 2  # UDP and SCTP share the ports template
+    tcp = out["ipv4_tcp"][0]
+    assert out["ipv4_tcp"].dtype == FLOW_DTYPES["ipv4_tcp"]
+    assert tcp["flowStartMilliseconds"] == 1_700_000_000_123 and tcp["flowEndMilliseconds"] == 1_700_000_001_999
+    assert tcp["sourceIPv4Address"] == 0x0A000001 and tcp["tcpControlBits"] == 0x1B
+    assert tcp["forwardingStatus"] == 64 and tcp["flowEndReason"] == 3
+    assert list(out["ipv4_udp"]["forwardingStatus"]) == [129, 64]
+    icmp6 = out["ipv6_icmp"][0]
+    assert bytes(icmp6["sourceIPv6Address"]) == ipaddress.IPv6Address("2001:db8::1").packed
+    assert icmp6["icmpTypeCodeIPv6"] == 0x8000 and icmp6["flowDirection"] == 1
+    assert out["ipv4_icmp"][0]["icmpTypeCodeIPv4"] == 0x0800
