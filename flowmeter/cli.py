@@ -96,12 +96,59 @@ def exporter(profile: Path = typer.Option(..., "--profile", "-p", help="profile 
                f"dropped batches: {sum(stats.dropped.values())} {stats.dropped or ''}".rstrip(), err=True)
 
 
+def _load(profile: Optional[Path]):
+    from .config import ConfigError, load_profile, parse_profile
+
+    try:
+        return load_profile(profile) if profile else parse_profile({"FlowMetadata": {}}, "<defaults>")
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _pipeline(p, files: tuple[str, ...], workers: Optional[int], what: str) -> None:
+    from .supervisor import Supervisor
+
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        _fail(f"{what}: capture file {missing[0]} does not exist")
+    sup = Supervisor(p, files, workers)
+    code = sup.run()
+    typer.echo(sup.summary(), err=True)
+    for e in sup.errors:
+        typer.echo(f"flowmeter: {e}", err=True)
+    raise typer.Exit(code)
+
+
 @app.command()
-def demo(records: int = typer.Option(24, "--records", help="how many synthetic flow records to export")) -> None:
-    """Export synthetic flows through the exporter process to a collector started on loopback, and print them."""
+def replay(captures: list[Path] = typer.Argument(..., help="pcap or pcapng files, metered in order"),
+           profile: Optional[Path] = typer.Option(None, "--profile", "-p", help="profile JSON file"),
+           workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, max=64,
+                                                 help="shard workers (default: the profile's Workers)")) -> None:
+    """Meter capture files at full speed through the whole pipeline and export the flows.
+
+    Timeouts fire by the capture's own clock, so a replay is deterministic. Every flow is
+    flushed at the end; a summary goes to stderr. Exit 1 if a file could not be read to its end.
+    """
+    p = _load(profile)
+    _pipeline(p, tuple(str(c) for c in captures), workers, "replay")
+
+
+@app.command()
+def run(profile: Path = typer.Option(..., "--profile", "-p", help="profile JSON file"),
+        workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, max=64)) -> None:
+    """Meter the profile's Sources until they end or SIGTERM/SIGINT, then drain: every metered flow is exported."""
+    p = _load(profile)
+    if not p.sources:
+        _fail(f"{p.source}: Sources: [] has no source; flowmeter run needs at least one (pcap:PATH)")
+    _pipeline(p, p.sources, workers, "run")
+
+
+@app.command()
+def demo(workers: int = typer.Option(2, "--workers", "-w", min=1, max=64, help="shard workers")) -> None:
+    """Replay a capture shipped with flowmeter through the whole pipeline to a loopback collector; print its records."""
     from .demo import run_demo
 
-    sys.exit(run_demo(records, sys.stdout))
+    raise typer.Exit(run_demo(workers))
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
-"""``flowmeter demo``: the exporter end to end with nothing to configure.
+"""``flowmeter demo``: the whole product end to end, with nothing to configure.
 
-It starts the real exporter process (the same ``exporter.process.run`` the
-pipeline uses) on a private ipc endpoint, a collector on a free loopback
-port, pushes synthetic flow records of every template through ZeroMQ as a
-worker would, and prints what the collector decoded.
+It replays a small capture shipped inside the package (made by
+``flowmeter.traffic``) through the real multiprocess pipeline (capture,
+shard workers, exporter) to a collector it starts on a free loopback port,
+and prints the flow records that collector decoded.
 
 ``export_batches`` is the producer half on its own: tests and benchmarks
 use it to drive the exporter process with any batches.
@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Iterable, TextIO
 
 import numpy.typing as npt
@@ -26,7 +27,6 @@ import zmq
 from exporter.exporting import ExportSettings
 from exporter.transport import CollectorAddress
 from .schema import EndOfStream, records_message
-from .synthetic import FLOW_TEMPLATE_NAMES, synthetic_records
 
 SENDER = "demo"
 
@@ -72,46 +72,48 @@ def export_batches(settings: ExportSettings, batches: Iterable[tuple[str, int, n
         shutil.rmtree(rundir, ignore_errors=True)
 
 
+DEMO_CAPTURE = Path(__file__).with_name("data") / "demo.pcap"
+DEMO_LOCAL_NETWORKS = ["10.0.0.0/8", "2001:db8:1::/48"]  # the generator's local side
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run_demo(n_records: int, out: TextIO = sys.stdout) -> int:
-    """Export ``n_records`` synthetic flows to a loopback collector and print them; exit code."""
+def run_demo(workers: int = 2, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Replay the shipped capture through the whole pipeline to a loopback collector; exit code."""
     from exporter.collect import collect
 
+    from .config import parse_profile
+    from .supervisor import Supervisor
+
     port = _free_port()
-    per = max(1, n_records // len(FLOW_TEMPLATE_NAMES))
-    base_ms = int(time.time() * 1000) - 120_000
-    batches = []
-    total = 0
-    for i, name in enumerate(FLOW_TEMPLATE_NAMES):
-        k = per if i < len(FLOW_TEMPLATE_NAMES) - 1 else max(1, n_records - per * i)
-        batches.append((name, 1, synthetic_records(name, k, seed=i, base_ms=base_ms)))
-        total += k
-    settings = ExportSettings(collectors=(CollectorAddress("udp", "127.0.0.1", port),),
-                              stats_interval_s=0)
-    out.write(f"flowmeter demo: exporting {total} synthetic flow records of {len(batches)} templates "
-              f"to a collector on udp/127.0.0.1:{port}\n")
+    profile = parse_profile({"FlowMetadata": {
+        "IpFixCollectors": [f"Udp/127.0.0.1:{port}"], "StatisticsIntervalSeconds": 0,
+        "LocalNetworks": DEMO_LOCAL_NETWORKS}}, "<demo>")
+    out.write(f"flowmeter demo: replaying {DEMO_CAPTURE.name} (shipped with flowmeter) through capture, "
+              f"{workers} workers and the exporter, to a collector on udp/127.0.0.1:{port}\n")
     out.flush()
     stop = threading.Event()
-    result = {}
     ready = threading.Event()
+    result = {}
 
     def _collector():
-        result["stats"] = collect(f"udp/127.0.0.1:{port}", False, out, count=total, duration=30.0,
-                                  stop=stop, ready=ready.set)
+        result["stats"] = collect(f"udp/127.0.0.1:{port}", False, out, stop=stop, ready=ready.set,
+                                  err=open(os.devnull, "w"))
 
     t = threading.Thread(target=_collector, name="demo-collector", daemon=True)
     t.start()
     ready.wait(10)
-    code = export_batches(settings, batches)
-    t.join(10)
+    sup = Supervisor(profile, (str(DEMO_CAPTURE),), workers, err=err, progress=False)
+    code = sup.run()
+    time.sleep(0.5)  # the last datagrams reach the collector
     stop.set()
-    t.join(2)
-    stats = result.get("stats")
-    received = stats.records if stats else 0
-    out.write(f"flowmeter demo: exporter exit code {code}; collector decoded {received} of {total} records\n")
-    return 0 if code == 0 and received == total else 1
+    t.join(5)
+    exported = sup.totals()["worker"].get("records_out", 0)
+    received = result["stats"].records if "stats" in result else 0
+    out.write("\n" + sup.summary() + "\n")
+    out.write(f"flowmeter demo: the collector decoded {received} of {exported} exported flow records\n")
+    return 0 if code == 0 and received == exported > 0 else 1

@@ -101,6 +101,8 @@ class Nfcapd:
         self.stop()
         out = subprocess.run(["nfdump", "-R", str(self.flows), "-o", "json"], capture_output=True,
                              text=True, env=UTC_ENV, check=True).stdout
+        if "No matching flows" in out:
+            return []
         return [r for r in json.loads(out or "[]") if r.get("type") == "FLOW"]
 
     def log_text(self) -> str:

@@ -1,0 +1,180 @@
+"""The capture process: capture files in, decoded packet batches out to the shard workers.
+
+Its whole life is ``run()``: connect to every worker and to the supervisor;
+for each source file, walk its records in batches, decode them into
+``PACKET_DTYPE`` rows, settle direction and policy (``DirectionPolicy``),
+split the rows by symmetric flow hash and push each worker its share,
+together with the capture clock (packet time), which every worker gets
+with every batch so timers fire alike on all shards. It ends with an
+end-of-stream to every worker, after the last file or on SIGTERM/SIGINT.
+
+Frames that are not metered are counted by cause (not IP, malformed,
+truncated, unsupported link type, other direction); a capture file that
+stops early (truncated, garbage) is reported as an error after what could
+be read was metered.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from .decode import decode_batch, nflog_prefixes
+from .direction import DirectionPolicy
+from .packets import PACKET_DTYPE, ST_OK, STATUS_NAMES
+from .pcapfile import CaptureError, open_capture
+from .schema import EndOfStream, control_message, packets_message
+from .shard import split_by_worker
+
+BATCH_PACKETS = 65536
+PROGRESS_S = 0.5
+SEND_HWM = 64  # batches queued per worker before the capture waits for it
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureSettings:
+    index: int
+    files: tuple[str, ...]
+    direction: str = "Both"
+    local_networks: tuple = ()
+    drop_prefixes: tuple = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureEndpoints:
+    workers: tuple[str, ...]  # connect: PUSH, one per worker, in worker order
+    control: str  # connect: PUSH to the supervisor
+
+
+@dataclass
+class CaptureCounters:
+    frames: int = 0
+    packets: int = 0  # metered IP packets
+    octets: int = 0  # their layer-3 octets
+    file_octets: int = 0  # capture file octets read
+    file_size: int = 0
+    not_metered: dict[str, int] = field(default_factory=dict)
+
+    def count(self, cause: str, n: int) -> None:
+        if n:
+            self.not_metered[cause] = self.not_metered.get(cause, 0) + n
+
+    def as_map(self) -> dict:
+        return {"frames": self.frames, "packets": self.packets, "octets": self.octets,
+                "file_octets": self.file_octets, "file_size": self.file_size,
+                **{f"not metered: {k}": v for k, v in self.not_metered.items()}}
+
+
+class Capture:
+    """Decode, classify and shard one capture file's batches (no sockets: testable alone)."""
+
+    def __init__(self, settings: CaptureSettings, workers: int, send) -> None:
+        self.settings = settings
+        self.name = f"capture-{settings.index}"
+        self.workers = workers
+        self.policy = DirectionPolicy(settings.direction, settings.local_networks, settings.drop_prefixes)
+        self._send = send  # send(worker index, frames)
+        self.seq = [0] * workers
+        self.clock_ns = 0
+        self.counters = CaptureCounters()
+        self._rows = np.empty(BATCH_PACKETS, dtype=PACKET_DTYPE)
+        self._status = np.empty(BATCH_PACKETS, dtype=np.uint8)
+        self.errors: list[str] = []
+
+    def meter_file(self, path: str, stop=lambda: False, progress=lambda: None) -> None:
+        try:
+            capture = open_capture(path)
+        except CaptureError as exc:
+            self.errors.append(str(exc))
+            return
+        self.counters.file_size += capture.size
+        done_before = self.counters.file_octets
+        for batch in capture.batches(BATCH_PACKETS):
+            self.meter_batch(batch)
+            self.counters.file_octets = done_before + capture.bytes_read
+            progress()
+            if stop():
+                break
+        if not capture.complete and capture.error:
+            self.errors.append(capture.error)
+
+    def meter_batch(self, batch) -> None:
+        n = len(batch.offset)
+        if n > len(self._rows):
+            self._rows = np.empty(n, dtype=PACKET_DTYPE)
+            self._status = np.empty(n, dtype=np.uint8)
+        rows, status = self._rows[:n], self._status[:n]
+        info = decode_batch(batch, rows, status)
+        self.counters.frames += n
+        for code, name in STATUS_NAMES.items():
+            if code != ST_OK:
+                self.counters.count(name, int(np.count_nonzero(status == code)))
+        for prefix, index in nflog_prefixes(batch, info).items():
+            code = self.policy.drop_status(prefix)
+            if code:
+                rows["fwd_status"][index] = code
+        ok = rows[status == ST_OK]
+        if len(ok):
+            self.clock_ns = max(self.clock_ns, int(ok["ts_ns"].max()))
+        self.policy.resolve(ok)
+        keep = self.policy.keep(ok)
+        if keep is not None:
+            self.counters.count("other direction", int(len(ok) - np.count_nonzero(keep)))
+            ok = ok[keep]
+        self.counters.packets += len(ok)
+        self.counters.octets += int(ok["l3_bytes"].sum(dtype=np.uint64))
+        for w, part in enumerate(split_by_worker(ok, self.workers)):
+            self._send(w, packets_message(self.name, self.seq[w], self.clock_ns, part))
+            self.seq[w] += 1
+
+    def end_of_stream(self) -> None:
+        for w in range(self.workers):
+            self._send(w, [EndOfStream(self.name, self.seq[w]).pack()])
+
+
+def run(settings: CaptureSettings, endpoints: CaptureEndpoints) -> int:
+    """The capture's life: every file in turn, then end-of-stream to every worker."""
+    stopping = []
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda signum, frame: stopping.append(signum))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    ctx = zmq.Context()
+    pushes = []
+    for ep in endpoints.workers:
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        sock.setsockopt(zmq.LINGER, -1)  # every batch reaches its worker
+        sock.connect(ep)
+        pushes.append(sock)
+    control = ctx.socket(zmq.PUSH)
+    control.setsockopt(zmq.LINGER, 2000)
+    control.connect(endpoints.control)
+    cap = Capture(settings, len(pushes), lambda w, frames: pushes[w].send_multipart(frames, copy=False))
+    last = [time.monotonic()]
+
+    def progress() -> None:
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_S:
+            control.send(control_message("progress", cap.name, "capture", counters=cap.counters.as_map()))
+            last[0] = now
+
+    try:
+        for path in settings.files:
+            if stopping:
+                break
+            cap.meter_file(path, stop=lambda: bool(stopping), progress=progress)
+            if cap.errors:
+                break  # stop at the first unreadable file, after metering what it had
+        cap.end_of_stream()
+        for e in cap.errors:
+            control.send(control_message("error", cap.name, "capture", message=e))
+        control.send(control_message("stats", cap.name, "capture", counters=cap.counters.as_map(), final=True))
+    finally:
+        for sock in pushes:
+            sock.close()
+        control.close()
+        ctx.term()
+    return 0

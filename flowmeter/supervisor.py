@@ -1,0 +1,298 @@
+"""The supervisor: starts the pipeline's processes, watches them, drains them, reports.
+
+::
+
+    capture ──packets──► worker ×N ──records──► exporter ──IPFIX/UDP──► collectors
+        └──────────── progress, stats, errors ───────────► supervisor (this process)
+
+Children are forked after the heavy modules (numpy, numba kernels) are
+loaded here, so each starts warm; each makes its own ZeroMQ context. The
+sockets live in a fresh runtime directory that only this user can enter.
+
+Stopping is in pipeline order, so nothing metered is lost: the capture
+stops reading and sends end-of-stream to every worker; each worker, having
+it from every capture, flushes its flow table and sends end-of-stream to the
+exporter; the exporter, having it from every worker, sends what it holds
+and exits. SIGTERM or a first SIGINT starts that drain early (capture
+first); a second SIGINT stops everything at once. A child that dies on
+its own makes the supervisor stop the rest and exit 1 with the child's
+error: it never hangs.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, TextIO
+
+import zmq
+
+from exporter.exporting import ExportSettings
+
+from .config import Profile
+from .schema import SchemaError, parse_control
+
+STOP_DEADLINE_S = 30.0  # per stage, before SIGKILL
+CRASH_EXIT = 70  # a child's exit code for an unexpected exception (EX_SOFTWARE)
+
+
+@dataclass
+class ChildInfo:
+    name: str
+    role: str
+    process: multiprocessing.Process
+    stats: dict = field(default_factory=dict)
+    error: str = ""
+
+
+def _child_main(name: str, target: Callable, args: tuple) -> None:
+    """Entry of every child: fresh signal state, one line and a reserved code on a crash."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+    try:
+        code = target(*args)
+    except Exception as exc:  # the top of a process: one line, one exit code
+        sys.stderr.write(f"flowmeter: {name}: {type(exc).__name__}: {exc}\n")
+        if os.environ.get("FLOWMETER_DEBUG"):
+            traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(CRASH_EXIT)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
+def warm_up() -> None:
+    """Load (or compile once) every numba kernel before forking, so children start warm."""
+    from . import decode, pcapfile  # noqa: F401
+    from workers import flowtable  # noqa: F401
+
+    decode.warm_up()
+    flowtable.load_kernels()
+
+
+def _exporter_child(settings: ExportSettings, endpoint: str, producers: int, control: str) -> int:
+    from exporter.process import run
+
+    run(settings, endpoint, producers, control=control)
+    return 0
+
+
+def _worker_child(settings, endpoints) -> int:
+    from workers.worker import run
+
+    return run(settings, endpoints)
+
+
+def _capture_child(settings, endpoints) -> int:
+    from .capture import run
+
+    return run(settings, endpoints)
+
+
+class Supervisor:
+    """Runs one pipeline for a profile and a list of capture files."""
+
+    def __init__(self, profile: Profile, files: tuple[str, ...], workers: int | None = None,
+                 err: TextIO = sys.stderr, progress: bool | None = None) -> None:
+        self.profile = profile
+        self.files = files
+        self.workers = workers or profile.worker_count
+        self.err = err
+        self.progress = err.isatty() if progress is None else progress
+        self.children: list[ChildInfo] = []
+        self._signals: list[int] = []
+        self.errors: list[str] = []
+        self.started = 0.0
+        self.elapsed = 0.0
+
+    # --- signals: record in the handler, act in the loop ---------------------
+    def _on_signal(self, signum, frame) -> None:
+        self._signals.append(signum)
+
+    def _children(self, role: str) -> list[ChildInfo]:
+        return [c for c in self.children if c.role == role]
+
+    def _drain(self) -> None:
+        """SIGTERM / first SIGINT: the capture stops; the rest drains in order."""
+        for c in self._children("capture"):
+            if c.process.is_alive():
+                os.kill(c.process.pid, signal.SIGTERM)
+
+    def _stop_now(self) -> None:
+        """Second SIGINT: stop every child at once (cached flows are lost)."""
+        for c in self.children:
+            if c.process.is_alive():
+                c.process.kill()
+
+    # --- life ----------------------------------------------------------------
+    def run(self) -> int:
+        from exporter.process import run as _  # noqa: F401  (imported before forking)
+
+        warm_up()
+        rundir = tempfile.mkdtemp(prefix="flowmeter-", dir=os.environ.get("XDG_RUNTIME_DIR"))
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._run(rundir)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            shutil.rmtree(rundir, ignore_errors=True)
+
+    def _run(self, rundir: str) -> int:
+        from workers.worker import WorkerEndpoints, WorkerSettings
+
+        from .capture import CaptureEndpoints, CaptureSettings
+
+        p = self.profile
+        ep_export = f"ipc://{rundir}/export"
+        ep_control = f"ipc://{rundir}/control"
+        ep_workers = tuple(f"ipc://{rundir}/worker-{i}" for i in range(self.workers))
+        export = p.export_settings() if p.enabled else ExportSettings(collectors=())
+        per_worker = max(64, -(-p.max_flows // self.workers))
+        mp = multiprocessing.get_context("fork")
+
+        def start(name: str, role: str, target: Callable, args: tuple) -> None:
+            proc = mp.Process(target=_child_main, args=(name, target, args), name=f"flowmeter-{name}")
+            proc.start()
+            self.children.append(ChildInfo(name, role, proc))
+
+        self.started = time.monotonic()
+        start("exporter", "exporter", _exporter_child, (export, ep_export, self.workers, ep_control))
+        for i in range(self.workers):
+            ws = WorkerSettings(index=i, max_flows=per_worker, idle_timeout_ns=p.idle_timeout_ms * 1_000_000,
+                                interval_ns=p.interval_ms * 1_000_000, domain=p.observation_domain_id,
+                                producers=1)
+            start(f"worker-{i}", "worker", _worker_child, (ws, WorkerEndpoints(ep_workers[i], ep_export, ep_control)))
+        cs = CaptureSettings(index=0, files=self.files, direction=p.direction,
+                             local_networks=p.local_networks, drop_prefixes=p.drop_prefixes)
+        start("capture-0", "capture", _capture_child, (cs, CaptureEndpoints(ep_workers, ep_control)))
+
+        ctx = zmq.Context()
+        control = ctx.socket(zmq.PULL)
+        control.bind(ep_control)
+        poller = zmq.Poller()
+        poller.register(control, zmq.POLLIN)
+        interrupts = 0
+        crashed: ChildInfo | None = None
+        try:
+            while True:
+                while self._signals:
+                    signum = self._signals.pop(0)
+                    interrupts += signum == signal.SIGINT
+                    if interrupts >= 2:
+                        self._stop_now()
+                    else:
+                        self._drain()
+                if poller.poll(100):
+                    self._read_control(control)
+                self._show_progress()
+                if crashed is None:
+                    crashed = next((c for c in self.children
+                                    if c.process.exitcode not in (None, 0)), None)
+                    if crashed is not None:
+                        self._stop_after_crash(crashed)
+                        break
+                if all(c.process.exitcode is not None for c in self.children):
+                    break
+            while poller.poll(50):
+                self._read_control(control)
+        finally:
+            self.elapsed = time.monotonic() - self.started
+            for c in self.children:
+                c.process.join(1)
+            control.close(0)
+            ctx.term()
+            if self.progress:
+                self.err.write("\r\033[K")
+        if crashed is not None:
+            how = (f"killed by signal {-crashed.process.exitcode}" if crashed.process.exitcode < 0
+                   else f"exited with code {crashed.process.exitcode}")
+            self.errors.insert(0, f"{crashed.name} (pid {crashed.process.pid}) {how}; pipeline stopped")
+            return 1
+        return 1 if self.errors else 0
+
+    def _stop_after_crash(self, crashed: ChildInfo) -> None:
+        """Stop the others in pipeline order, each stage with a deadline, then SIGKILL."""
+        for role in ("capture", "worker", "exporter"):
+            stage = [c for c in self._children(role) if c is not crashed and c.process.is_alive()]
+            for c in stage:
+                os.kill(c.process.pid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_DEADLINE_S
+            for c in stage:
+                c.process.join(max(0.0, deadline - time.monotonic()))
+                if c.process.is_alive():
+                    c.process.kill()
+                    c.process.join(5)
+
+    def _read_control(self, sock) -> None:
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = parse_control(frame)
+            except SchemaError:
+                continue
+            child = next((c for c in self.children if c.name == msg["sender"]), None)
+            if child is None:
+                continue
+            if msg["kind"] in ("progress", "stats") and isinstance(msg.get("counters"), dict):
+                child.stats = msg["counters"]
+            elif msg["kind"] == "error":
+                child.error = str(msg.get("message", ""))
+                self.errors.append(child.error)
+
+    def _show_progress(self) -> None:
+        if not self.progress:
+            return
+        cap = [c.stats for c in self._children("capture")]
+        done = sum(s.get("file_octets", 0) for s in cap)
+        size = sum(s.get("file_size", 0) for s in cap) or 1
+        packets = sum(s.get("packets", 0) for s in cap)
+        dt = max(time.monotonic() - self.started, 1e-6)
+        self.err.write(f"\r\033[Kreplay: {100 * done / size:5.1f}%  {packets:,} packets  "
+                       f"{packets / dt:,.0f} packets/s")
+        self.err.flush()
+
+    # --- report ----------------------------------------------------------------
+    def totals(self) -> dict:
+        """Summed counters of every role, for the summary and for tests."""
+        out: dict[str, dict] = {"capture": {}, "worker": {}, "exporter": {}}
+        for c in self.children:
+            acc = out[c.role]
+            for k, v in c.stats.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    acc[k] = acc.get(k, 0) + v
+                else:
+                    acc[k] = v
+        return out
+
+    def summary(self) -> str:
+        t = self.totals()
+        cap, wrk, exp = t["capture"], t["worker"], t["exporter"]
+        dt = max(self.elapsed, 1e-9)
+        packets = cap.get("packets", 0)
+        lines = [
+            f"{len(self.files)} capture file(s), {cap.get('frames', 0):,} frames, {packets:,} packets metered "
+            f"({cap.get('octets', 0):,} layer-3 octets) in {dt:.2f} s = {packets / dt:,.0f} packets/s "
+            f"with {self.workers} worker(s)",
+            f"flows: {wrk.get('flows', 0):,}; records: {wrk.get('records_out', 0):,} "
+            f"({', '.join(f'{k} {wrk[k]:,}' for k in ('idle', 'active', 'end_of_flow', 'forced', 'lack_of_resources') if wrk.get(k))})",
+        ]
+        drops = {k.split(": ", 1)[1]: v for k, v in cap.items() if k.startswith("not metered: ") and v}
+        drops.update({k.split(" ", 1)[1]: v for k, v in {**wrk, **exp}.items() if k.startswith("dropped ") and v})
+        lines.append("not metered: " + (", ".join(f"{k} {v:,}" for k, v in sorted(drops.items())) or "none"))
+        for name, c in (exp.get("collectors") or {}).items():
+            lines.append(f"collector {name}: {c.get('messages', 0):,} messages, {c.get('flow_records', 0):,} "
+                         f"records sent, {c.get('not_sent_records', 0):,} not sent")
+        if not exp.get("collectors"):
+            lines.append("exporting is off: no records were sent")
+        return "\n".join(lines)

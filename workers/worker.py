@@ -1,0 +1,167 @@
+"""The shard worker process: packets in, finished flow records out.
+
+Its whole life is ``run()``: bind its input socket, connect to the
+exporter and the supervisor, then loop: meter each ``packets`` batch into
+its flow table (timers fire by the batch's ``clock_ns``, or by the wall
+clock for live sources), turn the records that ended into template
+batches and push them to the exporter. It stops after an end-of-stream from
+each capture process, or on SIGTERM/SIGINT after draining what was already
+sent to it; either way every cached flow is flushed (flowEndReason forced
+end), and its own end-of-stream tells the exporter that nothing more comes.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from flowmeter.packets import PACKET_DTYPE
+from flowmeter.schema import (EndOfStream, PacketsHeader, SchemaError, control_message, parse_header,
+                              records_from_frame, records_message)
+
+from .flowtable import FlowTable
+from .records import (END_ACTIVE, END_FORCED, END_IDLE, END_LACK_OF_RESOURCES, END_OF_FLOW,
+                      to_template_batches)
+
+REASON_NAMES = {END_IDLE: "idle", END_ACTIVE: "active", END_OF_FLOW: "end_of_flow", END_FORCED: "forced",
+                END_LACK_OF_RESOURCES: "lack_of_resources"}
+
+POLL_MS = 100
+DRAIN_QUIET_MS = 100
+PROGRESS_S = 0.5
+SEND_HWM = 10_000  # record batches queued for the exporter before sends wait
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    index: int
+    max_flows: int
+    idle_timeout_ns: int
+    interval_ns: int
+    domain: int
+    producers: int  # capture processes feeding this worker
+    live: bool = False  # True: timers also fire by the wall clock
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerEndpoints:
+    packets: str  # bind: PULL, packet batches from the capture processes
+    records: str  # connect: PUSH, record batches to the exporter
+    control: str  # connect: PUSH, progress and stats to the supervisor
+
+
+class Worker:
+    """Flow table plus the record output of one shard (no sockets: testable alone)."""
+
+    def __init__(self, settings: WorkerSettings, send) -> None:
+        self.settings = settings
+        self.name = f"worker-{settings.index}"
+        self.table = FlowTable(settings.max_flows, settings.idle_timeout_ns, settings.interval_ns)
+        self._send = send
+        self.seq = 0
+        self.records_out = 0
+        self.dropped: dict[str, int] = {}
+        self.producers_done: set[str] = set()
+        self.clock_ns = 0
+
+    def emit(self, records: np.ndarray) -> None:
+        for name, batch in to_template_batches(records):
+            self._send(records_message(self.name, self.seq, name, self.settings.domain, batch))
+            self.seq += 1
+            self.records_out += len(batch)
+
+    def handle(self, frames: list) -> None:
+        try:
+            header = parse_header(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
+        except SchemaError:
+            self._drop("bad header")
+            return
+        if isinstance(header, EndOfStream):
+            self.producers_done.add(header.sender)
+            return
+        if not isinstance(header, PacketsHeader) or len(frames) != 2:
+            self._drop("unexpected message")
+            return
+        payload = frames[1].buffer if hasattr(frames[1], "buffer") else frames[1]
+        try:
+            packets = records_from_frame(header, PACKET_DTYPE, payload)
+        except SchemaError:
+            self._drop("bad payload")
+            return
+        self.clock_ns = max(self.clock_ns, header.clock_ns)
+        self.emit(self.table.update(packets, self.clock_ns))
+
+    def tick(self, now_ns: int) -> None:
+        self.clock_ns = max(self.clock_ns, now_ns)
+        self.emit(self.table.expire(self.clock_ns))
+
+    def finish(self) -> None:
+        self.emit(self.table.flush())
+
+    def _drop(self, cause: str) -> None:
+        self.dropped[cause] = self.dropped.get(cause, 0) + 1
+
+    def counters(self) -> dict:
+        t = self.table.counters
+        c = {"packets": t.packets, "octets": t.octets, "flows": t.flows_created, "evictions": t.evictions,
+             "records_out": self.records_out, "active": self.table.active}
+        c.update({REASON_NAMES[r]: n for r, n in t.records.items()})
+        c.update({f"dropped {k}": v for k, v in self.dropped.items()})
+        return c
+
+
+def run(settings: WorkerSettings, endpoints: WorkerEndpoints) -> int:
+    """The worker's life: bind, meter until end-of-stream or a signal, flush, say so."""
+    stopping = []
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda signum, frame: stopping.append(signum))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 1000)
+    pull.bind(endpoints.packets)
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, SEND_HWM)
+    push.setsockopt(zmq.LINGER, -1)  # every record reaches the exporter
+    push.connect(endpoints.records)
+    control = ctx.socket(zmq.PUSH)
+    control.setsockopt(zmq.LINGER, 2000)
+    control.connect(endpoints.control)
+    worker = Worker(settings, lambda frames: push.send_multipart(frames, copy=False))
+    poller = zmq.Poller()
+    poller.register(pull, zmq.POLLIN)
+    last_progress = time.monotonic()
+
+    def receive_waiting() -> None:
+        while True:
+            try:
+                frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            worker.handle(frames)
+
+    try:
+        while not stopping and len(worker.producers_done) < settings.producers:
+            if poller.poll(POLL_MS):
+                receive_waiting()
+            now = time.monotonic()
+            if settings.live:
+                worker.tick(time.time_ns())
+            if now - last_progress >= PROGRESS_S:
+                control.send(control_message("progress", worker.name, "worker", counters=worker.counters()))
+                last_progress = now
+        if stopping:  # batches already sent to us are still metered
+            while poller.poll(DRAIN_QUIET_MS):
+                receive_waiting()
+        worker.finish()
+        push.send(EndOfStream(worker.name, worker.seq).pack())
+        control.send(control_message("stats", worker.name, "worker", counters=worker.counters(), final=True))
+    finally:
+        pull.close(0)
+        push.close()
+        control.close()
+        ctx.term()
+    return 0
