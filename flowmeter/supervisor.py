@@ -51,8 +51,20 @@ class ChildInfo:
     error: str = ""
 
 
+def _set_process_name(name: str) -> None:
+    """Name the process for ps/top (``fm-worker-1``); Linux keeps 15 characters."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, ctypes.c_char_p(f"fm-{name}"[:15].encode()), 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
 def _child_main(name: str, target: Callable, args: tuple) -> None:
-    """Entry of every child: fresh signal state, one line and a reserved code on a crash."""
+    """Entry of every child: its name, fresh signal state, one line and a reserved code on a crash."""
+    _set_process_name(name)
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, signal.SIG_DFL)
     try:

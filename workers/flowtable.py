@@ -71,7 +71,9 @@ Records
   flow, END_OF_FLOW. FIN marks the flow; when a FIN is seen and the reverse
   flow has one too, both end at that packet. A FIN whose reverse flow is
   not in the table waits for the idle timeout. The reverse key swaps
-  addresses and ports and flips direction 0 <-> 1 (255, unknown, stays);
+  addresses and ports and flips direction 0 <-> 1 (255, unknown, stays),
+  or, when no such flow exists, keeps the direction (both sides of a
+  conversation classified alike, e.g. neither inside LocalNetworks);
   ip_version, proto, icmp, fwd_status and ifindex are the same.
 * Full table: a new flow first frees the ``evict_batch`` flows with the
   oldest ``last_ns`` (see Pressure below), END_LACK_OF_RESOURCES.
@@ -612,6 +614,10 @@ def update_flow_table(pk, start, end_now, slots, rows, rows_u8, times, st, hist,
             rdirfwd = (dirfwd & ~_LO8) | d
             rh = flow_key_hash(dst_hi, dst_lo, src_hi, src_lo, rports, ifindex | (rdirfwd << _U32))
             _, rr = _find(slots, rows, rh, dst_hi, dst_lo, src_hi, src_lo, rports, ifindex, rdirfwd)
+            if rr < 0 and rdirfwd != dirfwd:
+                # both sides given the same direction (e.g. neither side in LocalNetworks)
+                rh = flow_key_hash(dst_hi, dst_lo, src_hi, src_lo, rports, ifindex | (dirfwd << _U32))
+                _, rr = _find(slots, rows, rh, dst_hi, dst_lo, src_hi, src_lo, rports, ifindex, dirfwd)
             if rr >= 0 and rr != r:
                 n, alive = _fire_due(slots, rows, times, st, out, n, rr)
                 if alive and (end_both or (rows[rr].state & S_FIN) != 0):

@@ -105,6 +105,8 @@ class RefFlowTable:
             if k[1] == 6 and flags & (FIN | RST):
                 f["fin"] = f["fin"] or not flags & RST
                 rk = reverse_key(k)
+                if rk not in self.flows:  # both sides classified alike: same direction
+                    rk = reverse_key(k)[:9] + k[9:]
                 end_both = bool(flags & RST) or (rk != k and rk in self.flows and self.flows[rk]["fin"])
                 if end_both:
                     self._end(k, END_OF_FLOW)
@@ -470,12 +472,14 @@ def test_fin_without_reverse_flow_waits_for_idle_timeout():
     assert int(r["end_reason"]) == END_IDLE
 
 
-def test_reverse_flow_needs_the_opposite_direction():
+def test_reverse_flow_of_the_same_direction_closes_when_no_opposite_one_exists():
+    # neither side inside LocalNetworks: both directions are ingress, the close still pairs up
     a, b = tcp_pair(DIR_EGRESS)
     same_direction = dict(b, direction=DIR_EGRESS)
     table = FlowTable(100, 60 * S, 0)
-    assert len(table.update(packet_rows([pkt(a, T0, FIN), pkt(same_direction, T0 + 1, FIN)]))) == 0
-    assert table.active == 2
+    out = table.update(packet_rows([pkt(a, T0, FIN), pkt(same_direction, T0 + 1, FIN)]))
+    assert sorted(int(r["end_reason"]) for r in out) == [END_OF_FLOW, END_OF_FLOW]
+    assert table.active == 0
 
 
 @pytest.mark.parametrize("reverse_exists", [True, False])
