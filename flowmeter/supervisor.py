@@ -14,7 +14,9 @@ stops reading and sends end-of-stream to every worker; each worker, having
 it from every capture, flushes its flow table and sends end-of-stream to the
 exporter; the exporter, having it from every worker, sends what it holds
 and exits. SIGTERM or a first SIGINT starts that drain early (capture
-first); a second SIGINT stops everything at once. A child that dies on
+first); a second SIGINT stops everything at once. SIGHUP makes the
+exporter re-read the profile's collectors and send its templates again,
+without touching cached flows. A child that dies on
 its own makes the supervisor stop the rest and exit 1 with the child's
 error: it never hangs.
 """
@@ -89,10 +91,14 @@ def warm_up() -> None:
     flowtable.load_kernels()
 
 
-def _exporter_child(settings: ExportSettings, endpoint: str, producers: int, control: str) -> int:
+def _exporter_child(settings: ExportSettings, endpoint: str, producers: int, control: str,
+                    profile_path: str | None) -> int:
     from exporter.process import run
 
-    run(settings, endpoint, producers, control=control)
+    from .config import load_profile
+
+    reload = (lambda: load_profile(profile_path).export_settings()) if profile_path else None
+    run(settings, endpoint, producers, control=control, reload=reload)
     return 0
 
 
@@ -137,6 +143,12 @@ class Supervisor:
             if c.process.is_alive():
                 os.kill(c.process.pid, signal.SIGTERM)
 
+    def _reload(self) -> None:
+        """SIGHUP: the exporter re-reads the profile's collectors and sends every template again."""
+        for c in self._children("exporter"):
+            if c.process.is_alive():
+                os.kill(c.process.pid, signal.SIGHUP)
+
     def _stop_now(self) -> None:
         """Second SIGINT: stop every child at once (cached flows are lost)."""
         for c in self.children:
@@ -149,7 +161,7 @@ class Supervisor:
 
         warm_up()
         rundir = tempfile.mkdtemp(prefix="flowmeter-", dir=os.environ.get("XDG_RUNTIME_DIR"))
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             return self._run(rundir)
         finally:
@@ -176,7 +188,8 @@ class Supervisor:
             self.children.append(ChildInfo(name, role, proc))
 
         self.started = time.monotonic()
-        start("exporter", "exporter", _exporter_child, (export, ep_export, self.workers, ep_control))
+        profile_path = p.source if os.path.isfile(p.source) else None
+        start("exporter", "exporter", _exporter_child, (export, ep_export, self.workers, ep_control, profile_path))
         for i in range(self.workers):
             ws = WorkerSettings(index=i, max_flows=per_worker, idle_timeout_ns=p.idle_timeout_ms * 1_000_000,
                                 interval_ns=p.interval_ms * 1_000_000, domain=p.observation_domain_id,
@@ -197,6 +210,9 @@ class Supervisor:
             while True:
                 while self._signals:
                     signum = self._signals.pop(0)
+                    if signum == signal.SIGHUP:
+                        self._reload()
+                        continue
                     interrupts += signum == signal.SIGINT
                     if interrupts >= 2:
                         self._stop_now()
