@@ -25,7 +25,6 @@ import numpy.typing as npt
 import zmq
 
 from exporter.exporting import ExportSettings
-from exporter.transport import CollectorAddress
 from .schema import EndOfStream, records_message
 
 SENDER = "demo"

@@ -158,7 +158,6 @@ def records(p: dict, snaplen: int = 128, lo: int = 0, hi: int | None = None) -> 
     """pcap records (16-octet header + captured frame) of packets ``lo:hi``, one buffer."""
     hi = len(p["ts_ns"]) if hi is None else hi
     q = {k: v[lo:hi] for k, v in p.items()}
-    n = hi - lo
     l3 = l3_bytes(q)
     frame_len = ETH_LEN + l3
     caplen = np.minimum(frame_len, snaplen)

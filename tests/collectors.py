@@ -223,3 +223,42 @@ class Nfacctd:
         if not self.output.exists():
             return []
         return [json.loads(line) for line in self.output.read_text().splitlines() if line.strip()]
+
+
+class UdpSink:
+    """A UDP socket on loopback that keeps every datagram (a bare collector for exporter tests)."""
+
+    def __init__(self, timeout_s: float = 0.3) -> None:
+        from exporter.transport import CollectorAddress
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(timeout_s)
+        self.port = self.sock.getsockname()[1]
+        self.address = CollectorAddress("udp", "127.0.0.1", self.port)
+
+    def messages(self) -> list[bytes]:
+        """Every datagram received until the socket stays quiet for the timeout."""
+        out = []
+        while True:
+            try:
+                out.append(self.sock.recv(70000))
+            except socket.timeout:
+                return out
+
+    def flow_records(self) -> int:
+        """Data records of our flow templates in the datagrams received (statistics domain 0 aside)."""
+        from exporter.template import default_registry
+
+        record_len = {t.template_id: t.record_length for t in default_registry()}
+        n = 0
+        for msg in self.messages():
+            length, domain = int.from_bytes(msg[2:4], "big"), int.from_bytes(msg[12:16], "big")
+            off = 16
+            while off < length:
+                sid, slen = int.from_bytes(msg[off:off + 2], "big"), int.from_bytes(msg[off + 2:off + 4], "big")
+                if sid >= 256 and domain != 0:
+                    n += (slen - 4) // record_len[sid]
+                off += slen
+        return n

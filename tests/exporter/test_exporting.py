@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import socket
-import struct
 
 import numpy as np
 import pytest
@@ -11,28 +10,11 @@ from exporter.exporting import STATS_DOMAIN, ExportingProcess, ExportSettings
 from exporter.ie import IE
 from exporter.message import HEADER, SET_HEADER
 from exporter.template import TemplateRegistry, default_registry
-from exporter.transport import CollectorAddress
+from collectors import UdpSink
 from flowmeter.synthetic import FLOW_TEMPLATE_NAMES, synthetic_records
 
 
-class Sink:
-    """A UDP socket on loopback that keeps every datagram."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.address = CollectorAddress("udp", "127.0.0.1", self.port)
-
-    def messages(self) -> list[bytes]:
-        out = []
-        while True:
-            try:
-                out.append(self.sock.recv(70000))
-            except socket.timeout:
-                return out
+Sink = UdpSink
 
 
 def parse(msg: bytes) -> dict:

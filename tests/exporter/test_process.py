@@ -9,42 +9,19 @@ import threading
 import time
 
 import msgpack
-import numpy as np
 import zmq
 
 from exporter import process
 from exporter.exporting import ExportSettings
 from exporter.message import HEADER
-from exporter.template import default_registry
-from exporter.transport import CollectorAddress
 from flowmeter.schema import EndOfStream, records_message
+from collectors import UdpSink
 from flowmeter.synthetic import synthetic_records
 
-RECORD_LEN = {t.template_id: t.record_length for t in default_registry()}
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.5)
-        self.address = CollectorAddress("udp", "127.0.0.1", self.sock.getsockname()[1])
-
-    def flow_records(self) -> int:
-        n = 0
-        while True:
-            try:
-                msg = self.sock.recv(70000)
-            except socket.timeout:
-                return n
-            _, length, _, _, domain = HEADER.unpack_from(msg)
-            off = 16
-            while off < length:
-                sid, slen = int.from_bytes(msg[off:off + 2], "big"), int.from_bytes(msg[off + 2:off + 4], "big")
-                if sid >= 256 and domain != 0:
-                    n += (slen - 4) // RECORD_LEN[sid]
-                off += slen
+def Sink():
+    return UdpSink(timeout_s=0.5)
 
 
 def _start_thread(settings, endpoint, producers=None):
