@@ -89,7 +89,9 @@ def generate(n_packets: int, seed: int = 1, start_ns: int = 1_767_225_600 * NS,
     first = np.concatenate(([0], np.cumsum(c["size"])[:-1]))
     k = np.arange(n_packets) - first[conv]  # packet number within its conversation
     n = c["size"][conv]
-    gaps = rng.exponential(0.05, n_packets)
+    # each conversation lasts 0.2-30 s, whatever its size: elephants are fast, mice slow
+    lasts = rng.uniform(0.2, 30.0, len(c["size"]))
+    gaps = rng.exponential(1.0, n_packets) * (lasts / c["size"])[conv]
     gaps[k == 0] = 0
     gaps[(k == n // 2) & c["gap"][conv]] += 20.0
     t = np.cumsum(gaps)

@@ -48,6 +48,29 @@ def _wait_bound(port: int, proc: subprocess.Popen, what: str, log: Path, family=
     raise RuntimeError(f"{what} did not bind port {port}: {log.read_text()[-2000:]}")
 
 
+def wait_socket_drained(port: int, timeout_s: float = 10.0) -> None:
+    """Wait until the UDP socket bound to ``port`` has read every datagram queued for it.
+
+    /proc/net/udp{,6} show each socket's receive queue (octets not yet read
+    by the program); a collector stopped before that is empty loses them.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        queued = 0
+        for table in ("/proc/net/udp", "/proc/net/udp6"):
+            try:
+                lines = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    queued += int(fields[4].split(":")[1], 16)
+        if queued == 0:
+            return
+        time.sleep(0.05)
+
+
 def stop_process(proc: subprocess.Popen, signum: int, settle_s: float) -> None:
     """Give a running program ``settle_s`` to finish its work, then stop it with ``signum`` (or kill it)."""
     if proc.poll() is not None:
@@ -93,7 +116,9 @@ class Nfcapd:
         return f"Udp/{host}:{self.port}"
 
     def stop(self) -> None:
-        stop_process(self.proc, signal.SIGTERM, settle_s=0.3)  # the last datagrams are read first
+        if self.proc.poll() is None:
+            wait_socket_drained(self.port)  # the last datagrams are read first
+        stop_process(self.proc, signal.SIGTERM, settle_s=0.3)
         self._fh.close()
 
     def records(self) -> list[dict]:
@@ -215,6 +240,8 @@ class Nfacctd:
         _wait_bound(self.port, self.proc, "nfacctd", directory / "nfacctd.stdout")
 
     def stop(self) -> None:
+        if self.proc.poll() is None:
+            wait_socket_drained(self.port)
         stop_process(self.proc, signal.SIGTERM, settle_s=2.5)  # two print refreshes: every record written
         self._fh.close()
 
