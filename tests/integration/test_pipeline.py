@@ -55,21 +55,25 @@ def replay(tmp: Path, captures: list[Path], workers: int = 2, **settings):
 
 
 def test_interval_gives_one_interim_record_per_minute_with_deltas(tmp_path):
-    # one UDP flow, a packet every 2 s for 5 minutes, 100 octets each
+    # one UDP flow, a packet every 2 s for 4 min 40 s, 100 octets each
     cap = tmp_path / "long.pcap"
     frame = ethernet_ipv4_udp("10.0.0.1", "192.0.2.1", 5000, 53, b"\0" * 72)
-    write_pcap(cap, [(T0 + i * 2 * S, frame) for i in range(150)])
+    later = ethernet_ipv4_udp("10.0.0.2", "192.0.2.2", 1, 1)  # another flow, a minute after: the clock moves on
+    write_pcap(cap, [(T0 + i * 2 * S, frame) for i in range(140)] + [(T0 + 360 * S, later)])
     r, rows, dumped = replay(tmp_path, [cap], Interval=60000, LocalNetworks=["10.0.0.0/8"])
     assert r.returncode == 0, r.stderr
-    recs = sorted(dumped, key=lambda d: d["flowStartMilliseconds"])
+    recs = sorted((d for d in dumped if d["sourceIPv4Address"] == "10.0.0.1"),
+                  key=lambda d: d["flowStartMilliseconds"])
     reasons = [REASON[int(d["flowEndReason"])] for d in recs]
-    assert reasons == ["active"] * 4 + ["forced"]  # 4 full minutes, then the rest at end of input
-    assert [int(d["packetDeltaCount"]) for d in recs] == [30, 30, 30, 30, 30]
+    assert reasons == ["active"] * 4 + ["idle"]  # one interim record per minute, then the idle end
+    assert [int(d["packetDeltaCount"]) for d in recs] == [30, 30, 30, 30, 20]
     assert all(int(d["octetDeltaCount"]) == 100 * int(d["packetDeltaCount"]) for d in recs)
-    assert sum(row["in_packets"] for row in rows) == 150 and len(rows) == 5
+    starts = [d["flowStartMilliseconds"] for d in recs]
+    assert starts[0].endswith("00:00:00.000") and starts[1].endswith("00:01:00.000")  # each minute's own first packet
+    assert sum(row["in_packets"] for row in rows if row["src4_addr"] == "10.0.0.1") == 140
     # Interval 0: a single record
     r, rows, dumped = replay(tmp_path, [cap], Interval=0)
-    assert [int(d["packetDeltaCount"]) for d in dumped] == [150]
+    assert [int(d["packetDeltaCount"]) for d in dumped if d["sourceIPv4Address"] == "10.0.0.1"] == [140]
 
 
 def test_tcp_fin_and_rst_end_flows_and_idle_flows_expire_by_capture_time(tmp_path):
