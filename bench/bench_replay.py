@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ipaddress
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from collectors import Nfcapd  # noqa: E402
+from collectors import Nfcapd, nfdump_totals  # noqa: E402
 
 
 def rcvbuf_errors() -> int:
@@ -81,19 +79,6 @@ def load_truth(path: Path) -> tuple[Counter, Counter]:
     return packets, octets
 
 
-def from_nfdump(rows: list[dict]) -> tuple[Counter, Counter]:
-    packets, octets = Counter(), Counter()
-    for row in rows:
-        v6 = "src6_addr" in row
-        icmp = row["proto"] in (1, 58)
-        key = (str(ipaddress.ip_address(row["src6_addr"] if v6 else row["src4_addr"])),
-               str(ipaddress.ip_address(row["dst6_addr"] if v6 else row["dst4_addr"])), row["proto"],
-               0 if icmp else row.get("src_port", 0), 0 if icmp else row.get("dst_port", 0))
-        packets[key] += row["in_packets"]
-        octets[key] += row["in_bytes"]
-    return packets, octets
-
-
 def one_run(tool: str, capture: Path, truth: tuple[Counter, Counter], workers: int | None, tmp: Path) -> dict:
     nf = Nfcapd(Path(tempfile.mkdtemp(dir=tmp)))
     before = rcvbuf_errors()
@@ -110,7 +95,7 @@ def one_run(tool: str, capture: Path, truth: tuple[Counter, Counter], workers: i
     rows = nf.records()
     m["drops"] = rcvbuf_errors() - before
     m["records"] = len(rows)
-    got = from_nfdump(rows)
+    got = nfdump_totals(rows)
     m["exact"] = got[0] == truth[0] and got[1] == truth[1]
     return m
 

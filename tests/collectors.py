@@ -289,3 +289,23 @@ class UdpSink:
                     n += (slen - 4) // record_len[sid]
                 off += slen
         return n
+
+
+def nfdump_totals(rows: list[dict]) -> tuple[dict, dict]:
+    """nfdump JSON flow rows summed per (src, dst, proto, sport, dport): packets, octets.
+
+    Addresses are normalised with ``ipaddress``; ICMP rows have ports 0.
+    """
+    import ipaddress
+    from collections import Counter
+
+    packets, octets = Counter(), Counter()
+    for row in rows:
+        v6 = "src6_addr" in row
+        icmp = row["proto"] in (1, 58)
+        key = (str(ipaddress.ip_address(row["src6_addr"] if v6 else row["src4_addr"])),
+               str(ipaddress.ip_address(row["dst6_addr"] if v6 else row["dst4_addr"])), row["proto"],
+               0 if icmp else row.get("src_port", 0), 0 if icmp else row.get("dst_port", 0))
+        packets[key] += row["in_packets"]
+        octets[key] += row["in_bytes"]
+    return packets, octets

@@ -7,7 +7,6 @@ forwardingStatus; ipfixDump does).
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from collectors import Nfcapd, ipfixdump_records
+from collectors import Nfcapd, ipfixdump_records, nfdump_totals
 from flowmeter import traffic
 from flowmeter.pcapwrite import (ethernet_ipv4_tcp, ethernet_ipv4_udp, ipv4, nflog, udp, write_pcap)
 
@@ -159,16 +158,7 @@ def test_generated_capture_matches_its_truth_exactly(tmp_path):
     traffic.write(str(cap), p)
     r, rows, _ = replay(tmp_path, [cap], workers=4)
     assert r.returncode == 0, r.stderr
-    got = Counter()
-    octets = Counter()
-    for row in rows:
-        v6 = "src6_addr" in row
-        icmp = row["proto"] in (1, 58)
-        key = (str(ipaddress.ip_address(row["src6_addr"] if v6 else row["src4_addr"])),
-               str(ipaddress.ip_address(row["dst6_addr"] if v6 else row["dst4_addr"])), row["proto"],
-               0 if icmp else row.get("src_port", 0), 0 if icmp else row.get("dst_port", 0))
-        got[key] += row["in_packets"]
-        octets[key] += row["in_bytes"]
+    got, octets = nfdump_totals(rows)
     want = Counter()
     want_octets = Counter()
     for t in traffic.truth(p):
