@@ -30,33 +30,25 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TextIO
 
 from .decoder import DecodedRecord, Decoder, DecoderStats, Value, describe_source
+from .transport import CollectorAddress
 
 RCVBUF_BYTES = 8 << 20  # a burst of records must not overflow the socket buffer
 POLL_S = 0.2  # socket timeout: how quickly stop / duration are noticed
 MAX_DATAGRAM = 65535
 
 
-@dataclass(frozen=True, slots=True)
-class ListenSpec:
-    """Where to collect from: ``kind`` "udp" (host, port) or "file" (path)."""
-
-    kind: str
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-    def __str__(self) -> str:
-        if self.kind == "file":
-            return f"file/{self.path}"
-        return f"udp/{describe_source((self.host, self.port))}"
+def listen_text(spec: CollectorAddress) -> str:
+    """The ``--listen`` form of an address: ``udp/HOST:PORT`` or ``file/PATH``."""
+    if spec.kind == "file":
+        return f"file/{spec.path}"
+    return f"udp/{describe_source((spec.host, spec.port))}"
 
 
-def parse_listen(listen: str) -> ListenSpec:
+def parse_listen(listen: str) -> CollectorAddress:
     """``udp/HOST:PORT`` (IPv4, name, or ``[IPv6]``) or ``file/PATH``; ValueError with one line otherwise."""
     bad = ValueError(f'--listen: "{listen}" is not udp/HOST:PORT or file/PATH')
     kind, sep, rest = listen.partition("/")
@@ -64,7 +56,7 @@ def parse_listen(listen: str) -> ListenSpec:
     if not sep or not rest:
         raise bad
     if kind == "file":
-        return ListenSpec("file", path=rest)
+        return CollectorAddress("file", path=rest)
     if kind != "udp":
         raise bad
     if rest.startswith("["):
@@ -87,7 +79,7 @@ def parse_listen(listen: str) -> ListenSpec:
                 raise ValueError(f'--listen: "{listen}": "{host}" is not an IPv4 address') from None
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f'--listen: "{listen}": port "{port_text}" is not 0-65535')
-    return ListenSpec("udp", host=host, port=int(port_text))
+    return CollectorAddress("udp", host=host, port=int(port_text))
 
 
 # --- output ----------------------------------------------------------------
@@ -229,7 +221,7 @@ class _Printer:
         return self.left is not None and self.left <= 0
 
 
-def _bind(spec: ListenSpec) -> socket.socket:
+def _bind(spec: CollectorAddress) -> socket.socket:
     infos = socket.getaddrinfo(spec.host, spec.port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
     family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -291,12 +283,12 @@ def collect(
     return decoder.stats
 
 
-def _collect_udp(spec: ListenSpec, decoder: Decoder, printer: _Printer, stopping: Callable[[], bool],
+def _collect_udp(spec: CollectorAddress, decoder: Decoder, printer: _Printer, stopping: Callable[[], bool],
                  err: TextIO, ready: Callable[[], None] | None) -> None:
     try:
         sock = _bind(spec)
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot listen on {spec}: {exc.strerror or exc}") from None
+        raise OSError(exc.errno, f"cannot listen on {listen_text(spec)}: {exc.strerror or exc}") from None
     with sock:
         host, port = sock.getsockname()[:2]
         bound = f"udp/{describe_source((host, port))}"
@@ -316,12 +308,12 @@ def _collect_udp(spec: ListenSpec, decoder: Decoder, printer: _Printer, stopping
                 return
 
 
-def _collect_file(spec: ListenSpec, decoder: Decoder, printer: _Printer, stopping: Callable[[], bool],
+def _collect_file(spec: CollectorAddress, decoder: Decoder, printer: _Printer, stopping: Callable[[], bool],
                   ready: Callable[[], None] | None) -> None:
     try:
         fh = open(spec.path, "rb")
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot read {spec}: {exc.strerror or exc}") from None
+        raise OSError(exc.errno, f"cannot read {listen_text(spec)}: {exc.strerror or exc}") from None
     with fh:
         if ready is not None:
             ready()

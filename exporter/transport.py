@@ -55,7 +55,7 @@ class CollectorAddress:
 class UdpTransport:
     """A connected, non-blocking UDP socket to one collector."""
 
-    def __init__(self, address: CollectorAddress, clock=None) -> None:
+    def __init__(self, address: CollectorAddress) -> None:
         self.address = address
         self._sock: socket.socket | None = None
         self._next_connect = 0.0
