@@ -65,6 +65,7 @@ class CaptureCounters:
     def as_map(self) -> dict:
         return {"frames": self.frames, "packets": self.packets, "octets": self.octets,
                 "file_octets": self.file_octets, "file_size": self.file_size,
+                "cpu_s": round(time.process_time(), 3),
                 **{f"not metered: {k}": v for k, v in self.not_metered.items()}}
 
 
@@ -92,7 +93,7 @@ class Capture:
             return
         self.counters.file_size += capture.size
         done_before = self.counters.file_octets
-        for batch in capture.batches(BATCH_PACKETS):
+        for batch in capture.batches(BATCH_PACKETS, reuse=True):  # decoded before the next is read
             self.meter_batch(batch)
             self.counters.file_octets = done_before + capture.bytes_read
             progress()

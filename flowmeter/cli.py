@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -105,17 +106,25 @@ def _load(profile: Optional[Path]):
         _fail(str(exc))
 
 
-def _pipeline(p, files: tuple[str, ...], workers: Optional[int], what: str) -> None:
+def _pipeline(p, files: tuple[str, ...], workers: Optional[int], what: str, captures: int = 1,
+              stats: Optional[Path] = None) -> None:
     from .supervisor import Supervisor
 
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         _fail(f"{what}: capture file {missing[0]} does not exist")
-    sup = Supervisor(p, files, workers)
+    if captures > len(files):
+        _fail(f"{what}: --captures {captures} needs at least {captures} capture files, got {len(files)}")
+    sup = Supervisor(p, files, workers, captures=captures)
     code = sup.run()
     typer.echo(sup.summary(), err=True)
     for e in sup.errors:
         typer.echo(f"flowmeter: {e}", err=True)
+    if stats is not None:
+        try:
+            stats.write_text(json.dumps({"wall_s": round(sup.elapsed, 3), "exit": code, **sup.totals()}, indent=1))
+        except OSError as exc:
+            _fail(f"--stats {stats}: cannot write: {exc.strerror or exc}")
     raise typer.Exit(code)
 
 
@@ -123,14 +132,20 @@ def _pipeline(p, files: tuple[str, ...], workers: Optional[int], what: str) -> N
 def replay(captures: list[Path] = typer.Argument(..., help="pcap or pcapng files, metered in order"),
            profile: Optional[Path] = typer.Option(None, "--profile", "-p", help="profile JSON file"),
            workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, max=64,
-                                                 help="shard workers (default: the profile's Workers)")) -> None:
+                                                 help="shard workers (default: the profile's Workers)"),
+           capture_processes: int = typer.Option(1, "--captures", "-c", min=1, max=64,
+                                                 help="capture processes; with more than one, the files are "
+                                                      "dealt out and read at the same time (files of one time "
+                                                      "span, e.g. one per fanout member)"),
+           stats: Optional[Path] = typer.Option(None, "--stats", help="write every stage's final counters "
+                                                "(JSON) to this file")) -> None:
     """Meter capture files at full speed through the whole pipeline and export the flows.
 
     Timeouts fire by the capture's own clock, so a replay is deterministic. Every flow is
     flushed at the end; a summary goes to stderr. Exit 1 if a file could not be read to its end.
     """
     p = _load(profile)
-    _pipeline(p, tuple(str(c) for c in captures), workers, "replay")
+    _pipeline(p, tuple(str(c) for c in captures), workers, "replay", capture_processes, stats)
 
 
 @app.command()
@@ -152,7 +167,19 @@ def demo(workers: int = typer.Option(2, "--workers", "-w", min=1, max=64, help="
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        if "numba" in sys.modules:
+            # The pipeline ran: skip the interpreter's teardown of numba and LLVM (about half a
+            # second of finalizers after the work is done); every child has been joined already.
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        raise
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ Expiry
 ------
 Meter time is packet time: the largest packet timestamp seen, or a larger
 ``now_ns`` given to ``update``/``expire`` (applied after the batch's
-packets). It only moves forward; timers and the sweep run as it advances,
+packets); with ``packet_clock`` off, only ``now_ns`` moves it, and a packet
+ahead of the clock has its own flow's timers judged at its own time. It only moves forward; timers and the sweep run as it advances,
 *inside* the packet loop, before the packet that advanced it is metered.
 
 Timers (RFC 5470 §5.1.1-5.1.2). A flow is *idle-due* when ``now - last_ns
@@ -101,12 +102,13 @@ timers are overdue at once, the one due first decides -- an interim record
 (END_ACTIVE) if ``first + interval <= last + idle`` (the flow is then idle
 and goes without a second, empty record), else END_IDLE.
 
-How late is bounded by the *sweep*: a cursor walks the used rows at
-``max_flows`` rows per second of meter time (``sweep_quota``), so every row
-is visited at least once a second and a timer fires within 1 s of its due
-time, while the work per call is proportional to how far the clock moved
-(at most one pass over the table): a wave of timeouts never stalls the
-capture. A flow that receives a packet has its own timers checked first
+How late is bounded by the *sweep*: a cursor walks the used rows (the
+high-water mark of rows in use, not ``max_flows``) twice per second of
+meter time, in chunks of up to ``SWEEP_CHUNK`` rows, so every row is
+visited within half a second plus one chunk's worth of time (at most
+another half second) and a timer fires within 1 s of its due time, while
+the work per call is proportional to how far the clock moved (at most one
+pass over the table): a wave of timeouts never stalls the capture. A flow that receives a packet has its own timers checked first
 (O(1), its row is in cache anyway), so busy flows never wait for the sweep.
 
 Pressure (flowEndReason 5). When a new flow finds the table full, the
@@ -146,7 +148,9 @@ ROW_DTYPE = np.dtype([
 FIRST, LAST = 0, 1  # columns of times
 NO_PACKETS = 0x7FFF_FFFF_FFFF_FFFF  # first_ns of a flow with no packet since its last report
 FREE_ROW = -1  # last_ns of a free row
-SWEEP_NS = 1_000_000_000  # the sweep covers the whole table once per second of meter time
+SWEEP_NS = 1_000_000_000
+SWEEPS_PER_S = 2  # passes of the sweep over the used rows per second of meter time
+SWEEP_CHUNK = 64  # rows the sweep visits at once inside the packet loop
 HIST_BUCKETS = 2048  # radix of the oldest-flow selection: 11 bits per pass
 
 LOAD_FACTOR = 0.75
@@ -162,6 +166,7 @@ TH_RST = 0x04
 NOW, IDLE, INTERVAL, CURSOR, CARRY, TO_SCAN, ACTIVE, USED_ROWS, FREE, MAX_FLOWS, EVICT_N = range(11)
 N_PACKETS, N_BYTES, N_CREATED, N_EVICTED, N_SCANNED = range(11, 16)
 N_RECORDS = 16  # + end reason (1..5)
+PACKET_CLOCK = 22  # 1: packet times advance the clock; 0: only update/expire's now_ns does
 N_STATE = 24
 
 DONE, OUT_FULL = 0, 1
@@ -211,13 +216,13 @@ def _prefetch(typingctx, arr, byte_offset):
 
 # --------------------------------------------------------------------------- hashing and probing
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _mix(h, w):
     h = (h ^ w) * _M1
     return h ^ (h >> _S31)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def flow_key_hash(src_hi, src_lo, dst_hi, dst_lo, ports, ifx_dirfwd):
     """64-bit hash of a flow key given as six 64-bit words (multiply-xorshift, splitmix64 finaliser)."""
     h = _mix(_mix(_mix(_mix(_mix(_mix(_M0, src_hi), src_lo), dst_hi), dst_lo), ports), ifx_dirfwd)
@@ -226,7 +231,7 @@ def flow_key_hash(src_hi, src_lo, dst_hi, dst_lo, ports, ifx_dirfwd):
     return h ^ (h >> _S31)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _packet_key(pk, i):
     """Packet ``i``'s key as stored in a row: ``(src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, dirfwd)``."""
     ports = (np.uint64(pk[i].sport) | (np.uint64(pk[i].dport) << _U16) | (np.uint64(pk[i].icmp) << _U32)
@@ -235,18 +240,18 @@ def _packet_key(pk, i):
     return pk[i].src_hi, pk[i].src_lo, pk[i].dst_hi, pk[i].dst_lo, ports, np.uint64(pk[i].ifindex), dirfwd
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _packet_hash(pk, i):
     src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, dirfwd = _packet_key(pk, i)
     return flow_key_hash(src_hi, src_lo, dst_hi, dst_lo, ports, ifindex | (dirfwd << _U32))
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _home(tag, cap):
     return np.int64((tag * np.uint64(cap)) >> _U32)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _find(slots, rows, h, src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, dirfwd):
     """``(slot, row)`` of a key; ``row == -1`` if absent, ``slot`` then being where it would go."""
     cap = slots.shape[0]
@@ -348,7 +353,7 @@ def _end(slots, rows, times, st, out, n, r, reason):
 
 # --------------------------------------------------------------------------- timers
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def due_reason(first_ns: int, last_ns: int, now_ns: int, idle_timeout_ns: int, interval_ns: int) -> int:
     """The end reason of the timer that is due for a flow at ``now_ns``, or 0 if none is.
 
@@ -366,9 +371,9 @@ def due_reason(first_ns: int, last_ns: int, now_ns: int, idle_timeout_ns: int, i
 
 
 @numba.njit(cache=True, nogil=True)
-def _fire_due(slots, rows, times, st, out, n, r):
-    """Fire row ``r``'s due timers (at most one record): ``(n, still in the table)``."""
-    reason = due_reason(times[r, FIRST], times[r, LAST], st[NOW], st[IDLE], st[INTERVAL])
+def _fire_due(slots, rows, times, st, out, n, r, now):
+    """Fire row ``r``'s timers due at ``now`` (at most one record): ``(n, still in the table)``."""
+    reason = due_reason(times[r, FIRST], times[r, LAST], now, st[IDLE], st[INTERVAL])
     if reason == 0:
         return n, True
     if reason == END_ACTIVE:
@@ -377,39 +382,53 @@ def _fire_due(slots, rows, times, st, out, n, r):
         rows[r].bytes = 0
         rows[r].tcp_flags = 0
         times[r, FIRST] = NO_PACKETS
-        reason = due_reason(NO_PACKETS, times[r, LAST], st[NOW], st[IDLE], st[INTERVAL])
+        reason = due_reason(NO_PACKETS, times[r, LAST], now, st[IDLE], st[INTERVAL])
     if reason == END_IDLE:
         return _end(slots, rows, times, st, out, n, r, END_IDLE), False
     return n, True
 
 
-@numba.njit(cache=True, nogil=True)
-def sweep_quota(dt_ns: int, carry: int, rows_per_sweep: int) -> tuple[int, int]:
-    """Rows the sweep must visit when the clock moves ``dt_ns`` forward: ``(rows, new carry)``.
-
-    The rate is ``rows_per_sweep`` rows per ``SWEEP_NS``; ``carry`` keeps the
-    fraction of a row owed between ticks (in row·ns), so many tiny ticks scan
-    exactly as much as one big one. A jump of a second or more asks for a
-    whole pass. ``dt_ns * rows_per_sweep`` stays below 2**61 because
-    ``dt_ns < 1e9`` and tables hold fewer than 2**31 rows.
-    """
-    if dt_ns >= SWEEP_NS:
-        return rows_per_sweep, 0
-    carry += dt_ns * rows_per_sweep
-    rows = carry // SWEEP_NS
-    return rows, carry - rows * SWEEP_NS
-
-
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _advance(st, now):
-    """Move the clock forward to ``now`` and add the sweep's quota for the elapsed time."""
+    """Move the clock forward to ``now`` and owe the sweep its rows for the elapsed time.
+
+    The rate is ``SWEEPS_PER_S`` passes over the used rows per second of
+    meter time, owed in row·ns in ``st[CARRY]`` (``_settle`` turns it into
+    whole rows), so many tiny ticks scan exactly as much as one big one. A
+    jump of a pass's time or more asks for one whole pass: visiting a row
+    twice in one tick finds nothing new. ``dt * used`` stays below 2**61
+    because ``dt < 1e9`` and tables hold fewer than 2**31 rows.
+    """
     if now <= st[NOW]:
         return
     dt = now - st[NOW]
     st[NOW] = now
-    rows, st[CARRY] = sweep_quota(dt, st[CARRY], st[MAX_FLOWS])
+    if dt * SWEEPS_PER_S >= SWEEP_NS:
+        st[TO_SCAN] = st[USED_ROWS]
+        st[CARRY] = 0
+    else:
+        st[CARRY] += dt * SWEEPS_PER_S * st[USED_ROWS]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _sweep_owed(st):
+    """True when the sweep owes a chunk of rows (or a whole pass): the packet loop sweeps only then.
+
+    Sweeping a chunk of ``SWEEP_CHUNK`` rows at a time (fewer in a smaller
+    table) instead of a row or two per packet keeps the per-packet cost to
+    one multiply and one compare.
+    """
+    used = st[USED_ROWS]
+    chunk = SWEEP_CHUNK if used > SWEEP_CHUNK else used
+    return st[TO_SCAN] > 0 or (used > 0 and st[CARRY] >= chunk * SWEEP_NS)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _settle(st):
+    """Turn the row·ns owed into whole rows to visit, at most one pass."""
+    rows = st[CARRY] // SWEEP_NS
+    st[CARRY] -= rows * SWEEP_NS
     todo = st[TO_SCAN] + rows
-    # At most one pass per tick: visiting a row twice in one tick finds nothing new.
     st[TO_SCAN] = todo if todo < st[USED_ROWS] else st[USED_ROWS]
 
 
@@ -429,7 +448,7 @@ def _sweep(slots, rows, times, st, out, n):
             cur = 0
         last = times[cur, LAST]
         if last != FREE_ROW and due_reason(times[cur, FIRST], last, now, idle, interval) != 0:
-            n, _ = _fire_due(slots, rows, times, st, out, n, cur)
+            n, _ = _fire_due(slots, rows, times, st, out, n, cur, now)
         cur += 1
         todo -= 1
     st[N_SCANNED] -= todo
@@ -497,7 +516,7 @@ def _evict_oldest(slots, rows, times, st, hist, out, n):
         if v < t or (v == t and ties > 0):
             if v == t:
                 ties -= 1
-            n, alive = _fire_due(slots, rows, times, st, out, n, r)
+            n, alive = _fire_due(slots, rows, times, st, out, n, r, st[NOW])
             if alive:
                 n = _end(slots, rows, times, st, out, n, r, END_LACK_OF_RESOURCES)
                 st[N_EVICTED] += 1
@@ -524,8 +543,13 @@ def update_flow_table(pk, start, end_now, slots, rows, rows_u8, times, st, hist,
     i = start
     while i < npk:
         ts = np.int64(pk[i].ts_ns)
-        _advance(st, ts)
-        if st[TO_SCAN] > 0:
+        if st[PACKET_CLOCK]:
+            _advance(st, ts)
+        # This packet's flow is judged at the packet's own time (never before the clock): with
+        # several producers the clock is their common low-water mark, and a packet may be ahead.
+        now = ts if ts > st[NOW] else st[NOW]
+        if _sweep_owed(st):
+            _settle(st)
             n = _sweep(slots, rows, times, st, out, n)
             if st[TO_SCAN] > 0:
                 return i, n, OUT_FULL
@@ -549,8 +573,8 @@ def update_flow_table(pk, start, end_now, slots, rows, rows_u8, times, st, hist,
         h = ring[i & (_RING - 1)]
         src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, dirfwd = _packet_key(pk, i)
         pos, r = _find(slots, rows, h, src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, dirfwd)
-        if r >= 0 and due_reason(times[r, FIRST], times[r, LAST], st[NOW], st[IDLE], st[INTERVAL]) != 0:
-            n, alive = _fire_due(slots, rows, times, st, out, n, r)
+        if r >= 0 and due_reason(times[r, FIRST], times[r, LAST], now, st[IDLE], st[INTERVAL]) != 0:
+            n, alive = _fire_due(slots, rows, times, st, out, n, r, now)
             if not alive:  # ended on its idle timer: this packet starts a new flow
                 pos, r = _find(slots, rows, h, src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, dirfwd)
         if r < 0:
@@ -619,7 +643,7 @@ def update_flow_table(pk, start, end_now, slots, rows, rows_u8, times, st, hist,
                 rh = flow_key_hash(dst_hi, dst_lo, src_hi, src_lo, rports, ifindex | (dirfwd << _U32))
                 _, rr = _find(slots, rows, rh, dst_hi, dst_lo, src_hi, src_lo, rports, ifindex, dirfwd)
             if rr >= 0 and rr != r:
-                n, alive = _fire_due(slots, rows, times, st, out, n, rr)
+                n, alive = _fire_due(slots, rows, times, st, out, n, rr, now)
                 if alive and (end_both or (rows[rr].state & S_FIN) != 0):
                     n = _end(slots, rows, times, st, out, n, rr, END_OF_FLOW)
                     end_both = True
@@ -628,6 +652,7 @@ def update_flow_table(pk, start, end_now, slots, rows, rows_u8, times, st, hist,
         i += 1
 
     _advance(st, end_now)
+    _settle(st)
     if st[TO_SCAN] > 0:
         n = _sweep(slots, rows, times, st, out, n)
         if st[TO_SCAN] > 0:
@@ -681,11 +706,15 @@ class FlowTable:
     ``max_flows`` flows at most; ``idle_timeout_ns`` > 0; ``interval_ns`` is the
     active timeout for interim records, 0 = none. ``evict_batch`` is how many
     flows one eviction wave frees (default ``max(1, max_flows // 32)``).
+    ``packet_clock`` (default) lets packet times advance the meter clock; a
+    worker fed by several capture processes turns it off and advances the
+    clock itself to their common low-water mark (``update``'s ``now_ns``),
+    so that one producer running ahead never expires another's flows early.
     Not thread-safe: one worker owns it (the kernels release the GIL).
     """
 
     def __init__(self, max_flows: int, idle_timeout_ns: int, interval_ns: int,
-                 *, evict_batch: int | None = None) -> None:
+                 *, evict_batch: int | None = None, packet_clock: bool = True) -> None:
         if not 1 <= max_flows < 2**31 - 1:
             raise ValueError(f"max_flows: {max_flows} is not between 1 and {2**31 - 2}")
         if idle_timeout_ns <= 0:
@@ -705,6 +734,7 @@ class FlowTable:
         self._st[MAX_FLOWS] = max_flows
         self._st[EVICT_N] = evict
         self._st[FREE] = -1
+        self._st[PACKET_CLOCK] = int(packet_clock)
         self._hist = np.zeros(HIST_BUCKETS, dtype=np.int64)
         # Room for one eviction wave and more, so that a full table rarely makes the kernel stop early.
         self._out_base = evict + 1024

@@ -59,13 +59,17 @@ class Worker:
     def __init__(self, settings: WorkerSettings, send) -> None:
         self.settings = settings
         self.name = f"worker-{settings.index}"
-        self.table = FlowTable(settings.max_flows, settings.idle_timeout_ns, settings.interval_ns)
+        # One producer: its packet times are the clock. Several: the clock is their low-water mark.
+        self.table = FlowTable(settings.max_flows, settings.idle_timeout_ns, settings.interval_ns,
+                               packet_clock=settings.producers == 1)
         self._send = send
         self.seq = 0
         self.records_out = 0
         self.dropped: dict[str, int] = {}
         self.producers_done: set[str] = set()
+        self.clocks: dict[str, int] = {}  # producer -> the capture clock of its latest batch
         self.clock_ns = 0
+        self.active_peak = 0
 
     def emit(self, records: np.ndarray) -> None:
         for name, batch in to_template_batches(records):
@@ -81,6 +85,9 @@ class Worker:
             return
         if isinstance(header, EndOfStream):
             self.producers_done.add(header.sender)
+            self.clocks.pop(header.sender, None)
+            if len(self.producers_done) < self.settings.producers:
+                self.emit(self.table.expire(self._low_water_mark()))
             return
         if not isinstance(header, PacketsHeader) or len(frames) != 2:
             self._drop("unexpected message")
@@ -91,8 +98,23 @@ class Worker:
         except SchemaError:
             self._drop("bad payload")
             return
-        self.clock_ns = max(self.clock_ns, header.clock_ns)
-        self.emit(self.table.update(packets, self.clock_ns))
+        if header.sender not in self.producers_done:
+            self.clocks[header.sender] = max(self.clocks.get(header.sender, 0), header.clock_ns)
+        self.emit(self.table.update(packets, self._low_water_mark()))
+        self.active_peak = max(self.active_peak, self.table.active)
+
+    def _low_water_mark(self) -> int:
+        """The meter clock: the capture clock every producer still running has passed.
+
+        Until every producer has been heard from, the clock stays where it is:
+        one that has not started may still send packets of any time.
+        """
+        running = self.settings.producers - len(self.producers_done)
+        if running > 0 and len(self.clocks) >= running:
+            self.clock_ns = max(self.clock_ns, min(self.clocks.values()))
+        elif running <= 0 and self.clocks:
+            self.clock_ns = max(self.clock_ns, max(self.clocks.values()))
+        return self.clock_ns
 
     def tick(self, now_ns: int) -> None:
         self.clock_ns = max(self.clock_ns, now_ns)
@@ -107,7 +129,8 @@ class Worker:
     def counters(self) -> dict:
         t = self.table.counters
         c = {"packets": t.packets, "octets": t.octets, "flows": t.flows_created, "evictions": t.evictions,
-             "records_out": self.records_out, "active": self.table.active}
+             "records_out": self.records_out, "active": self.table.active, "active_peak": self.active_peak,
+             "table_bytes": self.table.nbytes, "cpu_s": round(time.process_time(), 3)}
         c.update({REASON_NAMES[r]: n for r, n in t.records.items()})
         c.update({f"dropped {k}": v for k, v in self.dropped.items()})
         return c

@@ -591,3 +591,27 @@ def test_keys_differing_in_any_field_are_different_flows():
     for r in as_tuples(table.flush()):
         per_key[r[:len(KEY)]] += r[len(KEY) + 2]
     assert len(per_key) == len(variants) and set(per_key.values()) == {1}
+
+
+def test_without_packet_clock_a_producer_running_ahead_does_not_expire_another_producers_flows():
+    # Two capture processes feed one worker: A's packets are at 100 s while B is still at 50 s.
+    a = conversation(1, proto=17)
+    b = conversation(2, proto=17)
+    table = FlowTable(100, 15 * S, 0, packet_clock=False)
+    assert len(table.update(packet_rows([pkt(b, T0 + 40 * S)]), now_ns=T0 + 40 * S)) == 0
+    assert len(table.update(packet_rows([pkt(a, T0 + 100 * S)]), now_ns=T0 + 40 * S)) == 0
+    # B's next packet, 10 s after its last: the same flow (idle timeout 15 s), though A is at 100 s.
+    assert len(table.update(packet_rows([pkt(b, T0 + 50 * S)]), now_ns=T0 + 50 * S)) == 0
+    assert table.active == 2 and table.now_ns == T0 + 50 * S
+    (r,) = table.update(packet_rows([]), now_ns=T0 + 66 * S)  # the low-water mark passes B's idle time
+    assert (int(r["packets"]), int(r["end_reason"])) == (2, END_IDLE)
+    assert int(r["first_ns"]) == T0 + 40 * S and int(r["last_ns"]) == T0 + 50 * S
+
+
+def test_without_packet_clock_a_packet_ahead_of_the_clock_ends_its_own_idle_flow():
+    b = conversation(2, proto=17)
+    table = FlowTable(100, 15 * S, 0, packet_clock=False)
+    table.update(packet_rows([pkt(b, T0)]), now_ns=T0)
+    (r,) = table.update(packet_rows([pkt(b, T0 + 20 * S)]), now_ns=T0 + 1 * S)  # 20 s later: a new flow
+    assert (int(r["packets"]), int(r["end_reason"]), int(r["last_ns"])) == (1, END_IDLE, T0)
+    assert table.active == 1
