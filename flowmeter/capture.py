@@ -27,7 +27,7 @@ from .direction import DirectionPolicy
 from .packets import PACKET_DTYPE, ST_OK, STATUS_NAMES
 from .pcapfile import CaptureError, open_capture
 from .schema import EndOfStream, control_message, packets_message
-from .shard import split_by_worker
+from .shard import Router
 
 BATCH_PACKETS = 65536
 PROGRESS_S = 0.5
@@ -77,6 +77,7 @@ class Capture:
         self.name = f"capture-{settings.index}"
         self.workers = workers
         self.policy = DirectionPolicy(settings.direction, settings.local_networks, settings.drop_prefixes)
+        self.router = Router(workers, self.policy)
         self._send = send  # send(worker index, frames)
         self.seq = [0] * workers
         self.clock_ns = 0
@@ -112,22 +113,18 @@ class Capture:
         self.counters.frames += n
         for code, name in STATUS_NAMES.items():
             if code != ST_OK:
-                self.counters.count(name, int(np.count_nonzero(status == code)))
-        for prefix, index in nflog_prefixes(batch, info).items():
-            code = self.policy.drop_status(prefix)
-            if code:
-                rows["fwd_status"][index] = code
-        ok = rows[status == ST_OK]
-        if len(ok):
-            self.clock_ns = max(self.clock_ns, int(ok["ts_ns"].max()))
-        self.policy.resolve(ok)
-        keep = self.policy.keep(ok)
-        if keep is not None:
-            self.counters.count("other direction", int(len(ok) - np.count_nonzero(keep)))
-            ok = ok[keep]
-        self.counters.packets += len(ok)
-        self.counters.octets += int(ok["l3_bytes"].sum(dtype=np.uint64))
-        for w, part in enumerate(split_by_worker(ok, self.workers)):
+                self.counters.count(name, int(info.status_counts[code]))
+        if info.nflog_prefix_length.max(initial=-1) >= 0:
+            for prefix, index in nflog_prefixes(batch, info).items():
+                code = self.policy.drop_status(prefix)
+                if code:
+                    rows["fwd_status"][index] = code
+        parts, kept, octets, other, newest = self.router.route(rows, status)
+        self.clock_ns = max(self.clock_ns, newest)
+        self.counters.count("other direction", other)
+        self.counters.packets += kept
+        self.counters.octets += octets
+        for w, part in enumerate(parts):
             self._send(w, packets_message(self.name, self.seq[w], self.clock_ns, part))
             self.seq[w] += 1
 

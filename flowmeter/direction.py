@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import ipaddress
 
-import numpy as np
-import numpy.typing as npt
-
-from .packets import DIR_EGRESS, DIR_INGRESS, DIR_UNKNOWN, FORWARDED
+from .packets import FORWARDED
 
 _ALL = (1 << 64) - 1
 
 
 class DirectionPolicy:
-    """The Direction, LocalNetworks and DropPrefixes settings applied to packet batches."""
+    """The Direction, LocalNetworks and DropPrefixes settings, parsed.
+
+    ``networks`` holds each LocalNetworks entry as (version, net_hi, mask_hi,
+    net_lo, mask_lo) for the capture's routing kernel (``shard.Router``),
+    which settles directions and applies Direction batch by batch.
+    """
 
     def __init__(self, direction: str = "Both", local_networks=(), drop_prefixes=()) -> None:
+        if direction not in ("Both", "SendingToPeer", "ReceivedFromPeer"):
+            raise ValueError(f"Direction: {direction!r} is not Both, SendingToPeer or ReceivedFromPeer")
         self.direction = direction
         self.networks = []
         for net in local_networks:
@@ -37,18 +41,6 @@ class DirectionPolicy:
                 self.networks.append((6, value >> 64, mask >> 64, value & _ALL, mask & _ALL))
         self.drop_prefixes = tuple((p.lower().encode(), code) for p, code in drop_prefixes)
 
-    def resolve(self, packets: npt.NDArray) -> None:
-        """Give every row of unknown direction one, from LocalNetworks (in place)."""
-        unknown = packets["direction"] == DIR_UNKNOWN
-        if not unknown.any():
-            return
-        inside = np.zeros(len(packets), dtype=bool)
-        hi, lo, ver = packets["src_hi"], packets["src_lo"], packets["ip_version"]
-        for version, net_hi, mask_hi, net_lo, mask_lo in self.networks:
-            inside |= ((ver == version) & ((hi & np.uint64(mask_hi)) == np.uint64(net_hi))
-                       & ((lo & np.uint64(mask_lo)) == np.uint64(net_lo)))
-        packets["direction"][unknown] = np.where(inside[unknown], DIR_EGRESS, DIR_INGRESS)
-
     def drop_status(self, prefix: bytes) -> int:
         """forwardingStatus for an NFLOG log prefix: a drop reason, or FORWARDED."""
         low = prefix.lower()
@@ -56,10 +48,3 @@ class DirectionPolicy:
             if low.startswith(start):
                 return code
         return FORWARDED
-
-    def keep(self, packets: npt.NDArray) -> npt.NDArray[np.bool_] | None:
-        """Rows the Direction setting meters (None = all); dropped frames always are."""
-        if self.direction == "Both":
-            return None
-        wanted = DIR_EGRESS if self.direction == "SendingToPeer" else DIR_INGRESS
-        return (packets["direction"] == wanted) | (packets["fwd_status"] != FORWARDED)

@@ -19,6 +19,9 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from .jit import njit
+from .packets import DIR_EGRESS, DIR_INGRESS, DIR_UNKNOWN, FORWARDED, PACKET_DTYPE
+
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xBF58476D1CE4E5B9)
 _M3 = np.uint64(0x94D049BB133111EB)
@@ -53,3 +56,125 @@ def split_by_worker(packets: npt.NDArray, workers: int) -> list[npt.NDArray]:
     ordered = packets[order]
     bounds = np.concatenate(([0], np.cumsum(counts)))
     return [ordered[bounds[i]:bounds[i + 1]] for i in range(workers)]
+
+
+# --- the capture's routing kernel ------------------------------------------------------
+#
+# One pass settles each decoded row (direction from LocalNetworks, the Direction
+# setting) and picks its worker with the hash above; a second scatters the kept
+# rows into one array, worker by worker, order kept. numpy needed a boolean
+# copy, an argsort and a fancy-indexed gather of the 60-octet rows for the same
+# work: measured on 5M packets, 1.4 s against about 0.1 s here.
+
+SKIP = 255  # owner of a row that is not sent (not an IP packet, or the other direction)
+BOTH = 255  # ``wanted`` direction when the Direction setting keeps both
+
+
+@njit(inline="always")
+def _mix_one(x):
+    x = (x ^ (x >> np.uint64(30))) * _M2
+    x = (x ^ (x >> np.uint64(27))) * _M3
+    return x ^ (x >> np.uint64(31))
+
+
+@njit(inline="always")
+def _endpoint_one(hi, lo, port):
+    return _mix_one(_mix_one(hi * _M1 + lo) + np.uint64(port))
+
+
+@njit(inline="always")
+def row_flow_hash(rows, i):
+    """``symmetric_flow_hash`` of row ``i``, in a kernel (the same value, tested)."""
+    a = _endpoint_one(rows[i].src_hi, rows[i].src_lo, rows[i].sport)
+    b = _endpoint_one(rows[i].dst_hi, rows[i].dst_lo, rows[i].dport)
+    return _mix_one(a + b + np.uint64(rows[i].proto) * _M1)
+
+
+@njit
+def route_kernel(rows, status, wanted, nets, workers, owner, counts, out):
+    """Settle, filter and shard ``rows`` (where ``status`` is 0) into ``out``, worker by worker.
+
+    ``nets`` rows are LocalNetworks as (version, net_hi, mask_hi, net_lo,
+    mask_lo); ``wanted`` is DIR_INGRESS, DIR_EGRESS or BOTH. ``counts`` gets
+    each worker's row count (its part of ``out`` follows the previous
+    ones'). Returns (rows kept, their layer-3 octets, rows of the other
+    direction, largest time stamp of any IP row or 0).
+    """
+    n = rows.shape[0]
+    kept = 0
+    octets = 0
+    other = 0
+    newest = np.uint64(0)
+    counts[:] = 0
+    for i in range(n):
+        if status[i] != 0:
+            owner[i] = SKIP
+            continue
+        if rows[i].ts_ns > newest:
+            newest = rows[i].ts_ns
+        d = rows[i].direction
+        if d == DIR_UNKNOWN:
+            inside = False
+            for k in range(nets.shape[0]):
+                if (np.uint64(rows[i].ip_version) == nets[k, 0] and (rows[i].src_hi & nets[k, 2]) == nets[k, 1]
+                        and (rows[i].src_lo & nets[k, 4]) == nets[k, 3]):
+                    inside = True
+                    break
+            d = DIR_EGRESS if inside else DIR_INGRESS
+            rows[i].direction = d
+        if wanted != BOTH and d != wanted and rows[i].fwd_status == FORWARDED:
+            owner[i] = SKIP
+            other += 1
+            continue
+        w = (row_flow_hash(rows, i) >> np.uint64(33)) % np.uint64(workers)
+        owner[i] = w
+        counts[w] += 1
+        kept += 1
+        octets += rows[i].l3_bytes
+    start = np.zeros(workers, np.int64)
+    for w in range(1, workers):
+        start[w] = start[w - 1] + counts[w - 1]
+    for i in range(n):
+        w = owner[i]
+        if w != SKIP:
+            out[start[w]] = rows[i]
+            start[w] += 1
+    return kept, octets, other, newest
+
+
+class Router:
+    """A capture process's ``DirectionPolicy`` (Direction, LocalNetworks) and sharding, applied per batch."""
+
+    def __init__(self, workers: int, policy) -> None:
+        if not 1 <= workers < SKIP:
+            raise ValueError(f"workers: {workers} is not between 1 and {SKIP - 1}")
+        self.workers = workers
+        self.wanted = {"Both": BOTH, "SendingToPeer": DIR_EGRESS, "ReceivedFromPeer": DIR_INGRESS}[policy.direction]
+        self.nets = np.array(policy.networks, dtype=np.uint64).reshape(-1, 5)
+        self.counts = np.zeros(workers, np.int64)
+        self._owner = np.empty(0, np.uint8)
+
+    def route(self, rows: npt.NDArray, status: npt.NDArray[np.uint8]) -> tuple[list[npt.NDArray], int, int, int, int]:
+        """``(one array per worker, rows kept, their octets, other-direction rows, newest time stamp)``.
+
+        ``rows`` (PACKET_DTYPE, contiguous) get their direction settled in
+        place; the per-worker arrays are views of one new array, which the
+        caller may hand to a zero-copy send.
+        """
+        n = len(rows)
+        if len(self._owner) < n:
+            self._owner = np.empty(n, np.uint8)
+        out = np.empty(n, PACKET_DTYPE)
+        kept, octets, other, newest = route_kernel(rows, status, self.wanted, self.nets, self.workers,
+                                                   self._owner[:n], self.counts, out)
+        bounds = np.concatenate(([0], np.cumsum(self.counts)))
+        return [out[bounds[w]:bounds[w + 1]] for w in range(self.workers)], int(kept), int(octets), int(other), int(newest)
+
+
+def warm_up() -> None:
+    """Load the routing kernel (compile it, the first time on a machine) before the captures fork."""
+    from .direction import DirectionPolicy
+
+    rows = np.zeros(2, PACKET_DTYPE)
+    rows["direction"] = DIR_UNKNOWN
+    Router(2, DirectionPolicy("SendingToPeer", ["10.0.0.0/8"])).route(rows, np.zeros(2, np.uint8))

@@ -110,10 +110,11 @@ def tune_allocator() -> None:
 
 def warm_up() -> None:
     """Load (or compile once) every numba kernel before forking, so children start warm."""
-    from . import decode, pcapfile  # noqa: F401
+    from . import decode, pcapfile, shard  # noqa: F401
     from workers import flowtable  # noqa: F401
 
     decode.warm_up()
+    shard.warm_up()
     flowtable.load_kernels()
 
 

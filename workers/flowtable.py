@@ -572,7 +572,24 @@ def update_flow_table(pk, start, end_now, slots, rows, rows_u8, times, st, hist,
 
         h = ring[i & (_RING - 1)]
         src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, dirfwd = _packet_key(pk, i)
-        pos, r = _find(slots, rows, h, src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, dirfwd)
+        # _find, written out: as a call it costs reference-count updates of two arrays per packet
+        tag = h >> _U32
+        pos = _home(tag, cap)
+        r = -1
+        while True:
+            s = slots[pos]
+            if s == 0:
+                break
+            if (s >> _U32) == tag:
+                c = np.int64(s & _LO32) - 1
+                if (rows[c].src_lo == src_lo and rows[c].dst_lo == dst_lo and rows[c].ports == ports
+                        and rows[c].src_hi == src_hi and rows[c].dst_hi == dst_hi
+                        and np.uint64(rows[c].ifindex) == ifindex and np.uint64(rows[c].dirfwd) == dirfwd):
+                    r = c
+                    break
+            pos += 1
+            if pos == cap:
+                pos = 0
         if r >= 0 and due_reason(times[r, FIRST], times[r, LAST], now, st[IDLE], st[INTERVAL]) != 0:
             n, alive = _fire_due(slots, rows, times, st, out, n, r, now)
             if not alive:  # ended on its idle timer: this packet starts a new flow

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from flowmeter.direction import DirectionPolicy
 from flowmeter.packets import DIR_EGRESS, DIR_INGRESS, DIR_UNKNOWN, PACKET_DTYPE
-from flowmeter.shard import split_by_worker, symmetric_flow_hash
+from flowmeter.shard import Router, split_by_worker, symmetric_flow_hash
 
 u64 = st.integers(0, 2**64 - 1)
 u16 = st.integers(0, 65535)
@@ -55,20 +55,60 @@ def _pkt(src: str, direction: int = DIR_UNKNOWN, fwd: int = 0):
     return row
 
 
+def _route(policy: DirectionPolicy, rows: np.ndarray, workers: int = 1, status=None):
+    status = np.zeros(len(rows), np.uint8) if status is None else status
+    return Router(workers, policy).route(rows, status)
+
+
 def test_local_networks_decide_unknown_directions_only():
     pol = DirectionPolicy("Both", ["10.0.0.0/8", "2001:db8:1::/48"])
     rows = np.concatenate([_pkt("10.1.2.3"), _pkt("192.0.2.1"), _pkt("2001:db8:1:2::5"), _pkt("2001:db8:2::5"),
                            _pkt("192.0.2.1", DIR_EGRESS), _pkt("10.1.1.1", DIR_INGRESS)])
-    pol.resolve(rows)
-    assert list(rows["direction"]) == [DIR_EGRESS, DIR_INGRESS, DIR_EGRESS, DIR_INGRESS, DIR_EGRESS, DIR_INGRESS]
+    (part,), kept, _, other, _ = _route(pol, rows)
+    assert (kept, other) == (6, 0)
+    assert list(part["direction"]) == [DIR_EGRESS, DIR_INGRESS, DIR_EGRESS, DIR_INGRESS, DIR_EGRESS, DIR_INGRESS]
 
 
 def test_direction_setting_keeps_one_side_and_every_dropped_frame():
-    rows = np.concatenate([_pkt("10.0.0.1", DIR_EGRESS), _pkt("10.0.0.1", DIR_INGRESS),
-                           _pkt("10.0.0.1", DIR_INGRESS, fwd=129), _pkt("10.0.0.1", DIR_EGRESS, fwd=129)])
-    assert DirectionPolicy("Both").keep(rows) is None
-    assert list(DirectionPolicy("SendingToPeer").keep(rows)) == [True, False, True, True]
-    assert list(DirectionPolicy("ReceivedFromPeer").keep(rows)) == [False, True, True, True]
+    rows = np.concatenate([_pkt("10.0.0.1", DIR_EGRESS), _pkt("10.0.0.2", DIR_INGRESS),
+                           _pkt("10.0.0.3", DIR_INGRESS, fwd=129), _pkt("10.0.0.4", DIR_EGRESS, fwd=129)])
+    rows["l3_bytes"] = [100, 200, 300, 400]
+
+    def kept(direction):
+        (part,), n, octets, other, _ = _route(DirectionPolicy(direction), rows.copy())
+        assert n == len(part) and octets == int(part["l3_bytes"].sum()) and n + other == len(rows)
+        return [str(ipaddress.ip_address(int(x))) for x in part["src_lo"]]
+
+    assert kept("Both") == ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
+    assert kept("SendingToPeer") == ["10.0.0.1", "10.0.0.3", "10.0.0.4"]
+    assert kept("ReceivedFromPeer") == ["10.0.0.2", "10.0.0.3", "10.0.0.4"]
+
+
+def test_rows_that_are_not_ip_packets_are_not_routed_but_set_no_clock():
+    rows = np.concatenate([_pkt("10.0.0.1"), _pkt("10.0.0.2"), _pkt("10.0.0.3")])
+    rows["ts_ns"] = [5, 99, 7]
+    parts, kept, _, other, newest = _route(DirectionPolicy(), rows, 2, status=np.array([0, 1, 0], np.uint8))
+    assert (kept, other, newest) == (2, 0, 7)
+    assert sorted(int(x) for p in parts for x in p["ts_ns"]) == [5, 7]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 8), st.integers(0, 2**32 - 1))
+def test_routing_kernel_shards_like_the_numpy_reference(workers, seed):
+    rng = np.random.default_rng(seed)
+    p = np.zeros(3000, PACKET_DTYPE)
+    for name in ("src_hi", "src_lo", "dst_hi", "dst_lo"):
+        p[name] = rng.integers(0, 2**63, len(p), dtype=np.uint64) * rng.integers(0, 2, len(p)).astype(np.uint64)
+    for name in ("sport", "dport"):
+        p[name] = rng.integers(0, 65536, len(p))
+    p["proto"] = rng.choice([1, 6, 17, 47], len(p))
+    p["ts_ns"] = np.arange(len(p))
+    p["direction"] = DIR_EGRESS
+    status = (rng.random(len(p)) < 0.1).astype(np.uint8)
+    parts, kept, _, _, _ = _route(DirectionPolicy(), p.copy(), workers, status)
+    reference = split_by_worker(p[status == 0], workers)
+    assert kept == int((status == 0).sum())
+    assert all(np.array_equal(a, b) for a, b in zip(parts, reference, strict=True))
 
 
 def test_drop_prefixes_match_case_insensitively_at_the_start():
