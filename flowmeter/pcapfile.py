@@ -91,6 +91,9 @@ _PCAP_MAGICS = {  # first four octets -> (byte order, ns resolution)
 _PCAPNG_MAGIC = bytes.fromhex("0a0d0d0a")
 
 
+RELEASE_STEP = 16 << 20  # unmap pages already read in steps of this many octets
+
+
 class CaptureError(ValueError):
     """A capture file that cannot be read at all; the message names the file and the cause."""
 
@@ -383,6 +386,7 @@ class CaptureFile:
         self.packets_read = 0
         self.bytes_read = 0
         self._done = False
+        self._released = 0  # file pages before this offset are unmapped
         self._mmap: mmap.mmap | None = None
         if data is None:
             try:
@@ -590,6 +594,7 @@ class CaptureFile:
         fill = self._fill_pcap if self.format == "pcap" else self._fill_pcapng
         cols: _Columns | None = None
         while not self._done:
+            self._release_read()
             # every record takes at least 16 octets: no bigger arrays than the file can fill
             capacity = int(min(max_packets, (self.size - self.bytes_read) // 16 + 1))
             if cols is None or not reuse or len(cols.offset) < capacity:
@@ -599,6 +604,24 @@ class CaptureFile:
             self.packets_read += n
             if n:
                 yield cols.batch(self.buf, n, first)
+
+    def _release_read(self) -> None:
+        """Unmap the pages of the file already read (MADV_DONTNEED): they stay in the page cache.
+
+        Without this a replay's resident size grows by the whole file (the
+        mapping's pages count as the process's), though every batch is done
+        with its part of it before the next is read; a page touched again
+        (a caller still holding an old batch) is simply mapped again.
+        """
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        end = self.bytes_read // mmap.PAGESIZE * mmap.PAGESIZE
+        if end - self._released >= RELEASE_STEP:
+            try:
+                self._mmap.madvise(mmap.MADV_DONTNEED, self._released, end - self._released)
+                self._released = end
+            except (OSError, ValueError):
+                self._released = self.size  # not supported here: stop trying
 
     def close(self) -> None:
         """Stop reading and release the mapping (batches still in use keep it alive until they go)."""

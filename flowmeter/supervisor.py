@@ -239,6 +239,8 @@ class Supervisor:
         control.bind(ep_control)
         poller = zmq.Poller()
         poller.register(control, zmq.POLLIN)
+        for c in self.children:  # a child's exit wakes the loop at once
+            poller.register(c.process.sentinel, zmq.POLLIN)
         interrupts = 0
         crashed: ChildInfo | None = None
         try:
@@ -253,8 +255,12 @@ class Supervisor:
                         self._stop_now()
                     else:
                         self._drain()
-                if poller.poll(100):
+                events = dict(poller.poll(100))
+                if control in events:
                     self._read_control(control)
+                for c in self.children:
+                    if c.process.sentinel in events and c.process.exitcode is not None:
+                        poller.unregister(c.process.sentinel)
                 self._show_progress()
                 if crashed is None:
                     crashed = next((c for c in self.children
@@ -264,7 +270,7 @@ class Supervisor:
                         break
                 if all(c.process.exitcode is not None for c in self.children):
                     break
-            while poller.poll(50):
+            while control.poll(10):  # the children's last words, already on their way
                 self._read_control(control)
         finally:
             self.elapsed = time.monotonic() - self.started
