@@ -33,6 +33,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
+import numpy as np
 import zmq
 
 from exporter.exporting import ExportSettings
@@ -113,9 +114,12 @@ def warm_up() -> None:
     from . import decode, pcapfile, shard  # noqa: F401
     from workers import flowtable  # noqa: F401
 
+    from workers import records
+
     decode.warm_up()
     shard.warm_up()
     flowtable.load_kernels()
+    records.to_template_batches(np.zeros(1, records.FLOW_RECORD_DTYPE))
 
 
 def _exporter_child(settings: ExportSettings, endpoint: str, producers: int, control: str,
