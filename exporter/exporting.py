@@ -6,35 +6,68 @@ one ``Session`` per collector. Records are encoded once per batch (one
 larger than ``max_message`` octets; each finished message goes to every
 collector, stamped with that collector's own sequence number.
 
+Packing: a batch first fills the domain's open message (small batches of
+live traffic share messages, as many as fit); the batch's *full* messages
+are then laid out at once as the rows of one uint8 array
+(``message.message_rows``) and the few records left over start the next
+open message. A batch of thousands of records therefore costs a handful of
+numpy calls, not Python work per message, and its messages leave in
+segmented sends of up to 64 (``transport.UdpTransport.send_rows``).
+
+Sending: every finished message is queued in each session (the rows are
+shared; each session stamps its own sequence number and export time as
+they leave). With ``export_rate`` a UDP session sends at most that many
+messages a second, ``export_burst`` at once (a ``TokenBucket``): a default
+collector socket buffer (212992 octets on Linux) overflows in a burst that
+its reader cannot follow, and what overflows is lost without a trace at the
+exporter. Nothing here ever waits for tokens: ``pump()`` sends what the
+buckets allow and returns, ``next_send_in()`` says when to call it again,
+and the caller (``exporter/process.py``) goes on receiving batches
+meanwhile; only when a queue is far behind (``QUEUE_SECONDS`` of its
+pace, or ``QUEUE_OCTETS``) does ``backlogged()`` tell it to stop receiving,
+so that the hold-up goes back to the producers and memory stays bounded.
+``drain()`` sends everything queued, paced, before a stop.
+
 Templates (RFC 7011 §8):
 
 * a session gets a template-only message for a domain before that domain's
   first data, again every ``refresh_s`` seconds or ``refresh_messages``
   messages (whichever comes first), after a failed send, and at once after
-  ``reload()``;
+  ``reload()``; template messages are messages like any other for pacing;
 * flow templates are sent in the flow domains, the statistics options
   template in domain 0, where the exporter-wide statistics go (RFC 7011 §4).
 
 Statistics: every ``stats_interval_s`` each session gets one options data
 record of the ``exporter_stats`` template with its own totals (messages,
 flow records and octets sent before that message; records, packets and
-octets not sent).
+octets not sent). The record is made when it reaches the head of the
+session's queue, so its totals are exact even after a paced wait.
 """
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import numpy.typing as npt
 
-from .message import Message, encode
-from .session import Session
+from .message import HEADER_LEN, SET_HEADER_LEN, Message, encode, message_rows
+from .session import Outgoing, Session
 from .template import STATS_NAME, Template, TemplateRegistry, default_registry
-from .transport import CollectorAddress, open_transport
+from .transport import SEND_BUFFER, CollectorAddress, open_transport
 
 STATS_DOMAIN = 0  # RFC 7011 §4: exporter-wide records go in messages with ODID 0
+EXPORT_RATE = 15_000  # default ExportRate of a profile: messages/s per collector (0 = unlimited)
+EXPORT_BURST = 32  # messages a paced collector may get at once: ~75 KB of a 208 KB default buffer
+# A paced queue this long (in seconds of its pace, or in octets) is full: the process stops
+# taking batches until it drains. Far out on purpose: batches must keep flowing while messages
+# wait (ZeroMQ drops the unread batches of a producer that exits meanwhile), and a full queue
+# still drains within the supervisor's 30 s stop deadline.
+QUEUE_SECONDS = 10.0
+QUEUE_OCTETS = 256 << 20
+DRAIN_SLEEP_S = 0.05  # longest sleep of a drain between checks for a stop
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +78,22 @@ class ExportSettings:
     refresh_messages: int = 256
     stats_interval_s: float = 60.0
     exporting_process_id: int = 0
+    # Unlimited here, for library use and benchmarks; a profile's ExportRate
+    # defaults to EXPORT_RATE (``flowmeter/config.py``).
+    export_rate: float = 0
+    export_burst: int = EXPORT_BURST
+    socket_buffer: int = SEND_BUFFER  # SO_SNDBUF asked for each UDP collector, octets
+    # UDP_SEGMENT sends (see exporter/transport.py): the same datagrams on the wire, but a packet
+    # capture on the exporting host (loopback, NICs with UDP segmentation offload) sees each
+    # send as one large packet holding several messages; False sends one message per call.
+    segmented_sends: bool = True
+
+
+def _total(column: npt.NDArray) -> int:
+    """Sum of a counter column; in Python for a few values, where numpy's call costs more."""
+    if len(column) <= 32:
+        return sum(column.tolist())
+    return int(column.sum(dtype=np.uint64))
 
 
 class ExportingProcess:
@@ -53,18 +102,26 @@ class ExportingProcess:
     def __init__(self, settings: ExportSettings, registry: TemplateRegistry | None = None) -> None:
         self.settings = settings
         self.registry = registry or default_registry()
-        self.sessions = [Session(open_transport(a), settings.refresh_s, settings.refresh_messages)
-                         for a in settings.collectors]
+        self.sessions = [self._session(a, settings) for a in settings.collectors]
+        self._retiring: list[Session] = []  # removed by a reload, sending what they still hold
         self._open: dict[int, Message] = {}
         self._open_packets: dict[int, int] = {}
         self._open_octets: dict[int, int] = {}
         self._scratch = Message(settings.max_message)
-        self._template_messages: dict[int, list[bytes]] = {}
+        self._template_messages: dict[int, list[Outgoing]] = {}
         self._flow_domains: set[int] = set()
         self._init_ms = int(time.time() * 1000)
         self._last_stats = time.monotonic()
         self.records_in = 0
         self.batches_in = 0
+
+    @staticmethod
+    def _session(address: CollectorAddress, settings: ExportSettings) -> Session:
+        transport = open_transport(address, settings.socket_buffer)
+        if hasattr(transport, "gso"):
+            transport.gso = settings.segmented_sends
+        return Session(transport, settings.refresh_s, settings.refresh_messages, settings.export_rate,
+                       settings.export_burst)
 
     # --- templates ------------------------------------------------------
     def _templates_for(self, domain: int) -> list[Template]:
@@ -73,13 +130,13 @@ class ExportingProcess:
             out.append(self.registry[STATS_NAME])
         return out
 
-    def _template_messages_for(self, domain: int) -> list[bytes]:
+    def _template_messages_for(self, domain: int) -> list[Outgoing]:
         """Template-only messages (header sequence to be stamped) covering all of a domain's templates."""
         cached = self._template_messages.get(domain)
         if cached is not None:
             return cached
         pending = self._templates_for(domain)
-        out: list[bytes] = []
+        out: list[Outgoing] = []
         m = self._scratch
         while pending:
             m.begin(domain)
@@ -87,25 +144,27 @@ class ExportingProcess:
             if n == 0:
                 raise ValueError(f"template {pending[0].template_id} does not fit in a "
                                  f"{self.settings.max_message}-octet message")
-            out.append(bytes(m.finish(0)))
+            rows = np.frombuffer(m.finish(0, 0), dtype=np.uint8).reshape(1, -1).copy()
+            out.append(Outgoing(rows, domain, 0, flow=False, templates=True))
             pending = pending[n:]
         self._template_messages[domain] = out
         return out
 
-    def _ensure_templates(self, session: Session, domain: int, now: float) -> bool:
-        if not session.templates_due(domain, now):
-            return True
-        for raw in self._template_messages_for(domain):
-            if not session.send(memoryview(bytearray(raw)), domain, 0, now, templates=True):
+    def _send_templates(self, session: Session, domain: int, now: float) -> bool:
+        """Every template message of ``domain`` to ``session``; False when one did not leave."""
+        for out in self._template_messages_for(domain):
+            sent, _ = session.send(out, 0, 1, now)
+            if not sent:
                 return False
         return True
 
     def reload(self, settings: ExportSettings | None = None) -> None:
-        """Apply new settings (collectors, sizes, periods); templates go out again at once.
+        """Apply new settings (collectors, sizes, periods, pacing); templates go out again at once.
 
-        Sessions whose collector stays keep their sequence numbers; new
-        collectors start at 0; removed ones are closed. Open messages are
-        flushed first so nothing received is lost.
+        Sessions whose collector stays keep their sequence numbers and their
+        queue; new collectors start at 0; removed ones send what they still
+        hold (paced) and are closed then. Open messages are flushed first so
+        nothing received is lost.
         """
         self.flush()
         if settings is not None:
@@ -114,11 +173,17 @@ class ExportingProcess:
             for a in settings.collectors:
                 s = old.pop(a, None)
                 if s is None:
-                    s = Session(open_transport(a), settings.refresh_s, settings.refresh_messages)
-                s.refresh_s, s.refresh_messages = settings.refresh_s, settings.refresh_messages
+                    s = self._session(a, settings)
+                else:
+                    s.refresh_s, s.refresh_messages = settings.refresh_s, settings.refresh_messages
+                    s.set_pace(settings.export_rate, settings.export_burst)
+                    if hasattr(s.transport, "gso"):
+                        if settings.socket_buffer != self.settings.socket_buffer:
+                            s.transport.set_send_buffer(settings.socket_buffer)
+                        if settings.segmented_sends != self.settings.segmented_sends:
+                            s.transport.gso = settings.segmented_sends
                 keep.append(s)
-            for s in old.values():
-                s.close()
+            self._retiring.extend(old.values())
             self.sessions = keep
             if settings.max_message != self.settings.max_message:
                 self._open.clear()
@@ -127,10 +192,11 @@ class ExportingProcess:
         self._template_messages.clear()
         for s in self.sessions:
             s.mark_templates_due()
+        self.pump()
 
     # --- data -----------------------------------------------------------
     def export(self, template: Template, records: npt.NDArray, domain: int, now: float | None = None) -> None:
-        """Queue ``records`` (host-order array of ``template.dtype``) for every collector."""
+        """Queue ``records`` (host-order array of ``template.dtype``) for every collector, and send what may go."""
         if now is None:
             now = time.monotonic()
         if domain not in self._flow_domains and not template.is_options:
@@ -142,29 +208,47 @@ class ExportingProcess:
         if n == 0:
             return
         wire = encode(template, records)
-        counted = "packetDeltaCount" in template.dtype.names and "octetDeltaCount" in template.dtype.names
-        if counted:
-            pk = np.cumsum(records["packetDeltaCount"], dtype=np.uint64)
-            oc = np.cumsum(records["octetDeltaCount"], dtype=np.uint64)
+        rl = template.record_length
+        per = (self.settings.max_message - HEADER_LEN - SET_HEADER_LEN) // rl  # records in a full message
+        if per == 0:
+            raise ValueError(f"a {rl}-octet record of template {template.template_id} does not fit in a message")
+        names = template.dtype.names
+        counted = "packetDeltaCount" in names and "octetDeltaCount" in names
+        pk = records["packetDeltaCount"] if counted else None
+        oc = records["octetDeltaCount"] if counted else None
+        # 1. the open message takes what fits
         m = self._message(domain)
-        start = 0
-        while start < n:
-            k = m.add_records(template, wire, start)
-            if k == 0:
-                if m.empty:
-                    raise ValueError(f"a {template.record_length}-octet record of template "
-                                     f"{template.template_id} does not fit in a message")
-                self._send(domain, now)
-                m = self._message(domain)
-                continue
-            if counted:
-                lo = int(pk[start - 1]) if start else 0
-                self._open_packets[domain] += int(pk[start + k - 1]) - lo
-                lo = int(oc[start - 1]) if start else 0
-                self._open_octets[domain] += int(oc[start + k - 1]) - lo
-            start += k
-        if m.free < template.record_length:
-            self._send(domain, now)
+        start = self._fill(m, template, wire, 0, pk, oc)
+        if start < n:
+            # 2. it is full: every full message of the rest at once, 3. the rest opens the next one
+            self._finish_open(domain)
+            full = (n - start) // per
+            if full:
+                end = start + full * per
+                rows = message_rows(template, wire, start, full, per, domain)
+                self._enqueue(Outgoing(
+                    rows, domain, per, flow=self._flow(domain),
+                    packets=pk[start:end].reshape(full, per).sum(axis=1, dtype=np.uint64) if counted else None,
+                    octets=oc[start:end].reshape(full, per).sum(axis=1, dtype=np.uint64) if counted else None))
+                start = end
+            if start < n:
+                start = self._fill(m, template, wire, start, pk, oc)
+        if m.free < rl:
+            self._finish_open(domain)
+        self.pump(now)
+
+    def _fill(self, m: Message, template: Template, wire: memoryview, start: int,
+              pk: npt.NDArray | None, oc: npt.NDArray | None) -> int:
+        """Records from ``start`` into the open message ``m`` while they fit; the next record left."""
+        k = m.add_records(template, wire, start)
+        if k and pk is not None and oc is not None:
+            self._open_packets[m.domain] += _total(pk[start:start + k])
+            self._open_octets[m.domain] += _total(oc[start:start + k])
+        return start + k
+
+    def _flow(self, domain: int) -> bool:
+        """Whether data records of ``domain`` count as flow records (not in a statistics-only domain 0)."""
+        return not (domain == STATS_DOMAIN and domain not in self._flow_domains)
 
     def _message(self, domain: int) -> Message:
         m = self._open.get(domain)
@@ -175,77 +259,166 @@ class ExportingProcess:
             self._open_octets[domain] = 0
         return m
 
-    def _send(self, domain: int, now: float) -> None:
+    def _finish_open(self, domain: int) -> None:
+        """Queue the open message of ``domain`` (if it holds anything) and start the next one."""
         m = self._open.get(domain)
         if m is None or m.empty:
             return
-        view = m.finish(0)
-        stats_only = domain == STATS_DOMAIN and domain not in self._flow_domains
-        for s in self.sessions:
-            pk, oc = self._open_packets[domain], self._open_octets[domain]
-            if not self._ensure_templates(s, domain, now):
-                s.counters.not_sent_messages += 1
-                s.counters.not_sent_records += m.data_records
-                s.counters.not_sent_packets += pk
-                s.counters.not_sent_octets += oc
-                continue
-            s.send(view, domain, m.data_records, now, flow_records=0 if stats_only else m.data_records,
-                   packets=pk, octets=oc)
+        rows = np.frombuffer(m.finish(0, 0), dtype=np.uint8).reshape(1, -1).copy()
+        self._enqueue(Outgoing(rows, domain, m.data_records, flow=self._flow(domain),
+                               packets=[self._open_packets[domain]], octets=[self._open_octets[domain]]))
         m.begin(domain)
         self._open_packets[domain] = 0
         self._open_octets[domain] = 0
 
+    def _enqueue(self, out: Outgoing) -> None:
+        for s in self.sessions:
+            s.enqueue(out)
+
     def flush(self, now: float | None = None) -> None:
-        """Send every open message now."""
+        """Queue every open message and send what may go now (all of it when not paced)."""
         if now is None:
             now = time.monotonic()
         for domain in list(self._open):
-            self._send(domain, now)
+            self._finish_open(domain)
+        self.pump(now)
         for s in self.sessions:
             s.flush()
 
-    # --- periodic work ----------------------------------------------------
-    def tick(self, now: float | None = None) -> None:
-        """Periodic duties: template refresh by time, statistics records."""
+    # --- sending ----------------------------------------------------------
+    def pump(self, now: float | None = None) -> None:
+        """Send from every session's queue what its tokens allow, in order; never waits."""
         if now is None:
             now = time.monotonic()
         for s in self.sessions:
+            self._pump(s, now)
+        if self._retiring:
+            for s in self._retiring:
+                self._pump(s, now)
+                if not s.queue:
+                    s.close()
+            self._retiring = [s for s in self._retiring if s.queue]
+
+    def _pump(self, s: Session, now: float) -> None:
+        q = s.queue
+        while q:
+            allowance = s.allowance()
+            if allowance < 1:
+                return
+            entry = q[0]
+            out = entry.out
+            if s.templates_due(out.domain, now):
+                if not self._send_templates(s, out.domain, now):
+                    # as for a collector that is down: this message does not go either
+                    if out.statistics:
+                        s.discard_head()  # a statistics record not made is no loss of data
+                    else:
+                        s.drop(1)
+                    continue
+                allowance = s.allowance()
+                if allowance < 1:
+                    return
+            if out.statistics and out.rows is None:
+                s.fill_head(self._statistics_row(s))
+            n = out.count - entry.pos
+            if allowance < n:
+                n = int(allowance)
+            if s.refresh_messages:  # a refresh by count falls between two messages of a run
+                n = min(n, s.refresh_messages - s.domain(out.domain).messages_since_templates)
+            s.send_head(n, now)
+
+    def next_send_in(self) -> float | None:
+        """Seconds until a queued message may leave; None when nothing is queued."""
+        waits = [w for s in (*self.sessions, *self._retiring) if (w := s.send_wait()) is not None]
+        return min(waits) if waits else None
+
+    def backlogged(self) -> bool:
+        """True while a session's queue is full: take no more batches until it drains."""
+        for s in self.sessions:
+            if s.bucket is None or not s.queued:
+                continue
+            if s.queued_octets >= QUEUE_OCTETS or s.queued >= max(s.bucket.burst, s.rate * QUEUE_SECONDS):
+                return True
+        return False
+
+    def queued(self) -> int:
+        """Messages queued, all sessions together."""
+        return sum(s.queued for s in (*self.sessions, *self._retiring))
+
+    def drain(self, stop: Callable[[], bool] | None = None) -> bool:
+        """Send everything queued, paced; blocks until then.
+
+        ``stop()`` is asked between sends: when it says True, what is still
+        queued is given up and counted as not sent. Returns True when all
+        was sent (or lost to a collector error, counted as usual).
+        """
+        while True:
+            self.pump()
+            wait = self.next_send_in()
+            if wait is None:
+                return True
+            if stop is not None and stop():
+                for s in (*self.sessions, *self._retiring):
+                    s.drop_all()
+                return False
+            time.sleep(min(max(wait, 0.0005), DRAIN_SLEEP_S))
+
+    # --- periodic work ----------------------------------------------------
+    def tick(self, now: float | None = None) -> None:
+        """Periodic duties: sends that tokens now allow, template refresh by time, statistics records."""
+        if now is None:
+            now = time.monotonic()
+        self.pump(now)
+        for s in self.sessions:
             for domain in list(s.domains):
-                self._ensure_templates(s, domain, now)
+                if s.templates_due(domain, now) and s.allowance() >= 1:
+                    self._send_templates(s, domain, now)
         if self.settings.stats_interval_s and now - self._last_stats >= self.settings.stats_interval_s:
             self.send_statistics(now)
 
     def send_statistics(self, now: float | None = None) -> None:
-        """One ``exporter_stats`` options record to each session, with that session's totals."""
+        """One ``exporter_stats`` options record to each session, with that session's totals.
+
+        Queued behind everything received so far; the record is made when it
+        leaves (``_statistics_row``).
+        """
         if now is None:
             now = time.monotonic()
         self._last_stats = now
-        self.flush(now)
-        tmpl = self.registry[STATS_NAME]
-        m = self._scratch
+        for domain in list(self._open):
+            self._finish_open(domain)
         for s in self.sessions:
-            if not self._ensure_templates(s, STATS_DOMAIN, now):
-                continue
-            c = s.counters
-            rec = tmpl.empty(1)
-            rec["exportingProcessId"] = self.settings.exporting_process_id or (os.getpid() & 0xFFFFFFFF)
-            rec["exportedMessageTotalCount"] = c.messages
-            rec["exportedFlowRecordTotalCount"] = c.flow_records
-            rec["exportedOctetTotalCount"] = c.octets
-            rec["notSentFlowTotalCount"] = c.not_sent_records
-            rec["notSentPacketTotalCount"] = c.not_sent_packets
-            rec["notSentOctetTotalCount"] = c.not_sent_octets
-            rec["systemInitTimeMilliseconds"] = self._init_ms
-            m.begin(STATS_DOMAIN)
-            m.add_records(tmpl, encode(tmpl, rec))
-            s.send(m.finish(0), STATS_DOMAIN, 1, now)
+            s.enqueue(Outgoing(None, STATS_DOMAIN, 1, flow=False, statistics=True))
+        self.pump(now)
         for s in self.sessions:
             s.flush()
 
-    def close(self) -> None:
+    def _statistics_row(self, s: Session) -> npt.NDArray[np.uint8]:
+        """The statistics message for ``s``: its totals now, excluding this message."""
+        tmpl = self.registry[STATS_NAME]
+        c = s.counters
+        rec = tmpl.empty(1)
+        rec["exportingProcessId"] = self.settings.exporting_process_id or (os.getpid() & 0xFFFFFFFF)
+        rec["exportedMessageTotalCount"] = c.messages
+        rec["exportedFlowRecordTotalCount"] = c.flow_records
+        rec["exportedOctetTotalCount"] = c.octets
+        rec["notSentFlowTotalCount"] = c.not_sent_records
+        rec["notSentPacketTotalCount"] = c.not_sent_packets
+        rec["notSentOctetTotalCount"] = c.not_sent_octets
+        rec["systemInitTimeMilliseconds"] = self._init_ms
+        m = self._scratch
+        m.begin(STATS_DOMAIN)
+        m.add_records(tmpl, encode(tmpl, rec))
+        return np.frombuffer(m.finish(0, 0), dtype=np.uint8).reshape(1, -1).copy()
+
+    def close(self, stop: Callable[[], bool] | None = None) -> None:
+        """Send everything (paced, see ``drain``), then close every transport."""
         self.flush()
-        for s in self.sessions:
+        self.drain(stop)
+        for s in (*self.sessions, *self._retiring):
+            s.flush()
             s.close()
+        self._retiring = []
 
     def totals(self) -> dict:
         """Counters for logs and ``status``: per collector and overall."""
@@ -261,6 +434,10 @@ class ExportingProcess:
                     "template_messages": s.counters.template_messages,
                     "not_sent_messages": s.counters.not_sent_messages,
                     "not_sent_records": s.counters.not_sent_records,
+                    "queued_messages": s.queued,
+                    "export_rate": s.rate,
+                    "send_buffer": s.transport.granted_buffer,
+                    "segmented_sends": getattr(s.transport, "gso", False),
                     "errors": dict(s.counters.errors),
                     "last_error": s.transport.last_error,
                 }

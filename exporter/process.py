@@ -9,12 +9,21 @@ received and exported, open messages are sent, a last statistics record
 goes out, and only then does the process exit. With ``producers`` set, it
 also stops by itself once it holds an end-of-stream from each producer.
 
+Pacing (``ExportSettings.export_rate``) never blocks receiving: messages
+wait in the exporting process's queues and the loop polls the socket with
+a timeout that ends when the next ones may leave. Only while a queue is
+full (``ExportingProcess.backlogged``) does it leave batches on the socket,
+which holds the producers back instead of growing without bound. The drain
+at a stop is paced too; a second SIGTERM/SIGINT during it gives up what is
+still queued (counted as not sent) and exits.
+
 Bad input from the socket (not our schema, unknown template, wrong dtype or
 size) is counted per cause and dropped, never fatal.
 """
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -105,6 +114,21 @@ def _collector_report(exp, last: dict) -> list[str]:
     return lines
 
 
+def _log_send_buffers(exp: ExportingProcess, asked: int) -> None:
+    """One line per UDP collector: the send buffer the kernel granted (and its pace)."""
+    for s in exp.sessions:
+        granted = s.transport.granted_buffer
+        if not granted:
+            continue
+        pace = f"{s.rate:,.0f} messages/s" if s.rate else "unpaced"
+        # Linux reports twice what it was asked for (the other half is its bookkeeping)
+        if granted < 2 * asked:
+            log.warning("collector %s: send buffer %d octets granted, %d asked (raise net.core.wmem_max "
+                        "or run as root); %s", s.name, granted, asked, pace)
+        else:
+            log.info("collector %s: send buffer %d octets granted; %s", s.name, granted, pace)
+
+
 def run(settings: ExportSettings, endpoint: str, producers: int | None = None,
         ready: Callable[[], None] | None = None, stop_event=None,
         reload: Callable[[], ExportSettings] | None = None, control: str | None = None) -> ExporterStats:
@@ -130,11 +154,12 @@ def run(settings: ExportSettings, endpoint: str, producers: int | None = None,
     sock.bind(endpoint)
     exporter = Exporter(settings)
     exp = exporter.exporting
+    _log_send_buffers(exp, settings.socket_buffer)
     if ready is not None:
         ready()
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
-    last_send = last_report = time.monotonic()
+    last_send = last_report = last_batch = time.monotonic()
     reported: dict[str, int] = {}
     stopping = False
 
@@ -169,11 +194,19 @@ def run(settings: ExportSettings, endpoint: str, producers: int | None = None,
                 stopping = True
             if stopping:
                 break
-            events = dict(poller.poll(POLL_MS))
+            wait = exp.next_send_in()  # queued messages waiting for their collector's pace
+            timeout = POLL_MS if wait is None else min(POLL_MS, max(1, math.ceil(wait * 1000)))
+            if exp.backlogged():  # a queue is full: leave batches on the socket for now
+                time.sleep(timeout / 1000)
+                events = {}
+            else:
+                events = dict(poller.poll(timeout))
             now = time.monotonic()
             if sock in events:
                 receive_waiting(now, MAX_BATCHES_PER_TURN)
-            if now - last_send >= FLUSH_AFTER_S or sock not in events:
+                last_batch = now
+            # a partly filled message goes when no batch came for a poll period, or after FLUSH_AFTER_S
+            if now - last_send >= FLUSH_AFTER_S or now - last_batch >= POLL_MS / 1000:
                 exp.flush(now)
                 last_send = now
             exp.tick(now)
@@ -188,6 +221,11 @@ def run(settings: ExportSettings, endpoint: str, producers: int | None = None,
         exp.flush()
         if exp.settings.stats_interval_s:
             exp.send_statistics()
+        queued = exp.queued()
+        if queued:
+            log.info("sending the %d queued message(s) before exit", queued)
+        if not exp.drain(stop=lambda: any(p in (signal.SIGTERM, signal.SIGINT) for p in pending)):
+            log.warning("stopped again while draining: queued messages given up (counted as not sent)")
         for line in _collector_report(exp, reported):
             log.warning(line)
         if control is not None:
@@ -197,7 +235,7 @@ def run(settings: ExportSettings, endpoint: str, producers: int | None = None,
             st = exporter.stats
             counters = {"records": st.records, "batches": st.batches, "gaps": st.gaps,
                         **{f"dropped {k}": v for k, v in st.dropped.items()},
-                        "collectors": exp.totals()["collectors"]}
+                        "cpu_s": round(time.process_time(), 3), "collectors": exp.totals()["collectors"]}
             sock_c.send(control_message("stats", "exporter", "exporter", counters=counters, final=True))
             sock_c.close()
     finally:

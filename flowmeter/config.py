@@ -27,8 +27,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from exporter.exporting import ExportSettings
-from exporter.transport import CollectorAddress
+from exporter.exporting import EXPORT_RATE, ExportSettings
+from exporter.transport import SEND_BUFFER, CollectorAddress
 
 SECTION = "FlowMetadata"
 DIRECTIONS = ("Both", "SendingToPeer", "ReceivedFromPeer")
@@ -38,6 +38,9 @@ SOURCE_FORMS = "pcap:PATH (a pcap or pcapng file)"
 DROP_REASONS = {"Unknown": 128, "AclDeny": 129, "AclDrop": 130, "Unroutable": 131, "Policer": 138,
                 "BadTtl": 137, "Rpf": 140, "ForUs": 141}
 UINT32_MAX = 0xFFFF_FFFF
+MAX_EXPORT_RATE = 10_000_000  # messages/s; more than any link carries
+MIN_SOCKET_BUFFER = 65536  # holds the largest message (65507 octets)
+MAX_SOCKET_BUFFER = 1 << 30
 _SHOW_MAX = 80  # longest bad value quoted in an error
 _UDP_TARGET = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]+)")
 
@@ -278,6 +281,13 @@ SETTINGS: tuple[Setting, ...] = (
             f"a whole number from 0 to {UINT32_MAX}",
             "exportingProcessId in the statistics records; 0 = the process id",
             _within(0, UINT32_MAX)),
+    Setting("ExportRate", "export_rate", int, EXPORT_RATE,
+            f"a whole number of messages per second from 0 to {MAX_EXPORT_RATE}",
+            "IPFIX messages per second to each UDP collector, with a short burst allowed; "
+            "0 = unlimited", _within(0, MAX_EXPORT_RATE)),
+    Setting("ExportSocketBuffer", "export_socket_buffer", int, SEND_BUFFER,
+            f"a whole number of octets from {MIN_SOCKET_BUFFER} to {MAX_SOCKET_BUFFER}",
+            "send buffer (SO_SNDBUF) of each UDP collector's socket", _within(MIN_SOCKET_BUFFER, MAX_SOCKET_BUFFER)),
     Setting("Sources", "sources", list, [], "a list of strings",
             "what flowmeter run meters: pcap:PATH (pcap or pcapng file)", _sources,
             lambda paths: [f"pcap:{p}" for p in paths]),
@@ -314,6 +324,8 @@ class Profile:
     template_refresh_messages: int
     statistics_interval_s: float
     exporting_process_id: int
+    export_rate: int
+    export_socket_buffer: int
     sources: tuple[str, ...]
     workers: int
     idle_timeout_ms: int
@@ -358,6 +370,8 @@ class Profile:
             refresh_messages=self.template_refresh_messages,
             stats_interval_s=self.statistics_interval_s,
             exporting_process_id=self.exporting_process_id,
+            export_rate=self.export_rate,
+            socket_buffer=self.export_socket_buffer,
         )
 
 

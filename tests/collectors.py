@@ -90,10 +90,42 @@ def require(*programs: str) -> None:
         raise RuntimeError(f"missing programs {missing}: .ci/run installs them")
 
 
-class Nfcapd:
-    """nfcapd on a loopback port, writing into ``directory``; ``records()`` reads it back via nfdump."""
+def udp_socket_drops(port: int) -> int:
+    """Datagrams the kernel dropped for the UDP socket bound to ``port`` (full receive buffer and such).
 
-    def __init__(self, directory: Path, host: str = "127.0.0.1") -> None:
+    The last column of /proc/net/udp{,6}: the same events as ``Udp: RcvbufErrors``
+    in /proc/net/snmp, for this socket only (other programs on the machine do
+    not count).
+    """
+    drops = 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                drops += int(fields[-1])
+    return drops
+
+
+def udp_rcvbuf_errors() -> int:
+    """``Udp: RcvbufErrors`` of /proc/net/snmp: datagrams dropped for a full receive buffer, machine-wide."""
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
+    names, values = lines[0], lines[1]
+    return int(values[names.index("RcvbufErrors")])
+
+
+class Nfcapd:
+    """nfcapd on a loopback port, writing into ``directory``; ``records()`` reads it back via nfdump.
+
+    ``receive_buffer`` is nfcapd's ``-B`` (8 MB by default, so that tests
+    sending bursts lose nothing); None starts it as an operator would, with
+    the kernel's default receive buffer (``net.core.rmem_default``).
+    """
+
+    def __init__(self, directory: Path, host: str = "127.0.0.1", receive_buffer: int | None = 8 << 20) -> None:
         require("nfcapd", "nfdump")
         self.directory = directory
         self.host = host
@@ -102,8 +134,9 @@ class Nfcapd:
         self.log = directory / "nfcapd.log"
         self.flows = directory / "flows"
         self.flows.mkdir(parents=True, exist_ok=True)
-        args = ["nfcapd", "-b", host, "-p", str(self.port), "-w", str(self.flows), "-t", "3600",
-                "-B", str(8 << 20)]
+        args = ["nfcapd", "-b", host, "-p", str(self.port), "-w", str(self.flows), "-t", "3600"]
+        if receive_buffer is not None:
+            args += ["-B", str(receive_buffer)]
         if self.family == socket.AF_INET6:
             args.append("-6")
         self._fh = open(self.log, "w")
@@ -129,6 +162,16 @@ class Nfcapd:
         if "No matching flows" in out:
             return []
         return [r for r in json.loads(out or "[]") if r.get("type") == "FLOW"]
+
+    def flow_count(self) -> int:
+        """Flow records stored, from ``nfdump -I`` (cheap where ``records()`` would print them all)."""
+        self.stop()
+        out = subprocess.run(["nfdump", "-R", str(self.flows), "-I"], capture_output=True, text=True,
+                             env=UTC_ENV, check=True).stdout
+        m = re.search(r"^Flows:\s*(\d+)", out, re.M)
+        if m is None:
+            raise RuntimeError(f"no flow count in nfdump -I output: {out[-2000:]}")
+        return int(m.group(1))
 
     def log_text(self) -> str:
         return self.log.read_text()

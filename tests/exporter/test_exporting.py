@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -204,3 +205,228 @@ def test_records_with_the_wrong_dtype_are_refused():
     exp = ExportingProcess(ExportSettings(collectors=(), stats_interval_s=0))
     with pytest.raises(ValueError, match="dtype"):
         exp.export(exp.registry["ipv4_tcp"], synthetic_records("ipv4_udp", 2), 1)
+
+
+# --- big batches: all full messages at once (message_rows), segmented sends ---
+
+MIXED_BATCHES = [  # (template, domain, records): open messages of other templates, runs of full messages
+    ("ipv6_udp", 1, 3), ("ipv4_tcp", 1, 1000), ("ipv4_tcp", 1, 5), ("ipv6_tcp", 1, 2000),
+    ("ipv4_udp", 2, 700), ("ipv4_icmp", 1, 1), ("ipv6_other", 2, 333),
+]
+
+
+def _export(batches, *, split: bool, **settings) -> tuple[list[bytes], ExportingProcess]:
+    """Export ``batches`` to a fresh sink, whole or one record per call; the datagrams received."""
+    sink = Sink()
+    exp = ExportingProcess(ExportSettings(collectors=(sink.address,), stats_interval_s=0, **settings))
+    for name, domain, recs in batches:
+        t = exp.registry[name]
+        if split:
+            for i in range(len(recs)):
+                exp.export(t, recs[i:i + 1], domain)
+        else:
+            exp.export(t, recs, domain)
+    exp.flush()
+    return sink.messages(), exp
+
+
+def _without_export_time(msgs: list[bytes]) -> list[bytes]:
+    return [m[:4] + m[8:] for m in msgs]
+
+
+@pytest.mark.parametrize("max_message,refresh_messages", [(1452, 256), (600, 7), (9000, 0)])
+def test_one_big_batch_and_single_record_batches_give_the_same_messages(max_message, refresh_messages):
+    from exporter.decoder import Decoder
+
+    batches = [(name, domain, synthetic_records(name, n, seed=i))
+               for i, (name, domain, n) in enumerate(MIXED_BATCHES)]
+    big, exp = _export(batches, split=False, max_message=max_message, refresh_messages=refresh_messages)
+    small, _ = _export(batches, split=True, max_message=max_message, refresh_messages=refresh_messages)
+    assert len(big) > 30 and all(len(m) <= max_message for m in big)
+    # the same messages, octet for octet (export times aside): packing, templates, sequence numbers
+    assert _without_export_time(big) == _without_export_time(small)
+    decoder = Decoder()
+    records = [r for m in big for r in decoder.decode(m, "exporter")]
+    st = decoder.stats
+    assert (st.malformed, st.unknown_template, st.sequence_gaps) == (0, 0, 0), st.last_error
+    total = sum(len(recs) for _, _, recs in batches)
+    assert len(records) == total == exp.sessions[0].counters.flow_records
+    # every record comes back with its values, in order within each template and domain
+    for name, domain in {(name, domain) for name, domain, _ in batches}:
+        recs = np.concatenate([r for n, d, r in batches if (n, d) == (name, domain)])
+        tid = exp.registry[name].template_id
+        got = [r.fields for r in records if r.template_id == tid and r.domain == domain]
+        assert [f["packetDeltaCount"] for f in got] == recs["packetDeltaCount"].tolist()
+        assert [f["flowStartMilliseconds"] for f in got] == recs["flowStartMilliseconds"].tolist()
+
+
+def test_segmented_sends_give_the_same_datagrams_as_one_send_each():
+    batches = [(name, 1, synthetic_records(name, 4000, seed=i)) for i, name in enumerate(FLOW_TEMPLATE_NAMES)]
+    segmented, exp = _export(batches, split=False, segmented_sends=True)
+    plain, exp_plain = _export(batches, split=False, segmented_sends=False)
+    assert exp.totals()["collectors"][str(exp.sessions[0].name)]["segmented_sends"], \
+        "the kernel refused UDP_SEGMENT on loopback"
+    assert not exp_plain.sessions[0].transport.gso
+    assert len(segmented) == exp.sessions[0].counters.messages > 1000
+    assert _without_export_time(segmented) == _without_export_time(plain)
+
+
+def test_records_of_a_failed_big_batch_are_counted_not_sent_exactly():
+    probe = Sink()
+    down = probe.address
+    probe.sock.close()
+    exp = ExportingProcess(ExportSettings(collectors=(down,), stats_interval_s=0))
+    recs = [synthetic_records("ipv4_tcp", 3000, seed=i) for i in range(4)]
+    for r in recs:
+        exp.export(exp.registry["ipv4_tcp"], r, 1)
+        exp.flush()
+    c = exp.sessions[0].counters
+    assert c.not_sent_records > 0 and c.errors.get("ECONNREFUSED", 0) > 0
+    # every record either left or is counted not sent, with its packets and octets
+    assert c.data_records + c.not_sent_records == 12000
+    assert exp.sessions[0].domain(1).sequence == c.data_records
+    sent_packets = sum(int(r["packetDeltaCount"].sum()) for r in recs) - c.not_sent_packets
+    assert 0 <= sent_packets < sum(int(r["packetDeltaCount"].sum()) for r in recs)
+
+
+# --- pacing ------------------------------------------------------------------
+
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; the socket module may lack it
+
+
+class StampedSink(UdpSink):
+    """A sink that also keeps the kernel's arrival time of every datagram (SO_TIMESTAMPNS)."""
+
+    def __init__(self) -> None:
+        super().__init__(timeout_s=0.5)
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+
+    def stamped(self) -> list[tuple[float, bytes]]:
+        out = []
+        while True:
+            try:
+                data, anc, _, _ = self.sock.recvmsg(70000, 64)
+            except socket.timeout:
+                return out
+            t = next(sec + ns / 1e9 for level, kind, raw in anc if kind == SO_TIMESTAMPNS
+                     for sec, ns in [np.frombuffer(raw[:16], dtype=np.int64)])
+            out.append((t, data))
+
+
+def _assert_paced(times: list[float], start: float, rate: float, burst: int) -> None:
+    """A token bucket's promise: N messages take at least (N - burst) / rate, in any window too."""
+    n = len(times)
+    assert times[-1] - start >= (n - burst) / rate
+    t = np.array(times)
+    for i in range(0, n, 7):
+        j = np.arange(i, n)
+        assert np.all(j - i + 1 <= burst + (t[j] - t[i]) * rate + 1), f"burst beyond the bucket after message {i}"
+
+
+def test_paced_export_takes_at_least_n_minus_burst_over_rate_on_the_wire():
+    sink = StampedSink()
+    rate, burst = 2000, 16
+    start = time.time()
+    exp = ExportingProcess(ExportSettings(collectors=(sink.address,), stats_interval_s=0, refresh_messages=0,
+                                          export_rate=rate, export_burst=burst))
+    recs = synthetic_records("ipv6_tcp", 18 * 600, seed=3)  # 600 full messages
+    t0 = time.monotonic()
+    exp.export(exp.registry["ipv6_tcp"], recs, 1)
+    exp.flush()
+    handed = time.monotonic() - t0
+    assert exp.queued() > 500  # export() only queues what the pace does not allow now ...
+    assert handed < 0.2  # ... and never waits for it
+    assert exp.drain()
+    got = sink.stamped()
+    times = [t for t, _ in got]
+    assert len(got) == 601 == exp.sessions[0].counters.messages  # templates are paced messages too
+    _assert_paced(times, start, rate, burst)
+    assert times[-1] - start < 3 * 601 / rate + 0.5  # and it is not much slower than the pace
+    assert sum(data_records(parse(m)) for _, m in got) == len(recs)
+
+
+def test_statistics_and_template_refresh_are_paced_and_exact():
+    sink = StampedSink()
+    rate, burst = 1000, 8
+    start = time.time()
+    exp = ExportingProcess(ExportSettings(collectors=(sink.address,), stats_interval_s=60, export_rate=rate,
+                                          export_burst=burst, refresh_messages=50))
+    exp.export(exp.registry["ipv4_udp"], synthetic_records("ipv4_udp", 27 * 200, seed=1), 4)
+    exp.send_statistics()
+    assert exp.drain()
+    got = sink.stamped()
+    _assert_paced([t for t, _ in got], start, rate, burst)
+    msgs = [parse(m) for _, m in got]
+    kinds = "".join("T" if all(sid in (2, 3) for sid, _ in m["sets"]) else "D" for m in msgs)
+    assert kinds.startswith("T" + "D" * 50 + "T" + "D" * 50)
+    # the statistics record was made when it left: totals of everything sent before it
+    stats = [m for (_, raw), m in zip(got, msgs) if m["domain"] == STATS_DOMAIN and m["sets"][-1][0] >= 256]
+    assert len(stats) == 1
+    raw = got[msgs.index(stats[0])][1]
+    values = np.frombuffer(raw[-exp.registry["exporter_stats"].record_length:],
+                           dtype=exp.registry["exporter_stats"].wire_dtype)[0]
+    before = got[:msgs.index(stats[0])]
+    assert values["exportedMessageTotalCount"] == len(before)
+    assert values["exportedOctetTotalCount"] == sum(len(m) for _, m in before)
+    assert values["exportedFlowRecordTotalCount"] == 27 * 200
+
+
+def test_a_down_collector_does_not_hold_up_a_paced_one():
+    up = StampedSink()
+    probe = Sink()
+    down = probe.address
+    probe.sock.close()
+    rate = 2000
+    exp = ExportingProcess(ExportSettings(collectors=(down, up.address), stats_interval_s=0,
+                                          export_rate=rate, export_burst=16))
+    t0 = time.monotonic()
+    exp.export(exp.registry["ipv6_tcp"], synthetic_records("ipv6_tcp", 18 * 400, seed=2), 1)
+    exp.flush()
+    assert exp.drain()
+    took = time.monotonic() - t0
+    assert took < 2 * 401 / rate + 0.5
+    assert sum(data_records(parse(m)) for _, m in up.stamped()) == 18 * 400
+    totals = exp.totals()["collectors"]
+    assert totals[str(down)]["errors"].get("ECONNREFUSED", 0) > 0
+    assert totals[str(down)]["queued_messages"] == totals[str(up.address)]["queued_messages"] == 0
+
+
+def test_file_collectors_are_not_paced(tmp_path):
+    from exporter.transport import CollectorAddress
+
+    path = tmp_path / "out.ipfix"
+    exp = ExportingProcess(ExportSettings(collectors=(CollectorAddress("file", path=str(path)),),
+                                          stats_interval_s=0, export_rate=10, export_burst=1))
+    exp.export(exp.registry["ipv4_tcp"], synthetic_records("ipv4_tcp", 26 * 100), 1)
+    exp.flush()
+    assert exp.queued() == 0 and exp.next_send_in() is None
+    exp.close()
+    assert path.stat().st_size > 100 * 1400
+
+
+def test_send_buffer_is_granted_and_reported():
+    sink = Sink()
+    exp = ExportingProcess(ExportSettings(collectors=(sink.address,), stats_interval_s=0, socket_buffer=1 << 20))
+    granted = exp.totals()["collectors"][str(sink.address)]["send_buffer"]
+    assert granted >= 1 << 20  # Linux reports twice the request (as root, or within net.core.wmem_max)
+
+
+def test_a_queue_far_behind_its_pace_holds_input_back_and_a_stop_counts_it_not_sent():
+    from exporter.exporting import QUEUE_SECONDS
+
+    sink = Sink()
+    rate = 10
+    exp = ExportingProcess(ExportSettings(collectors=(sink.address,), stats_interval_s=0, export_rate=rate,
+                                          export_burst=1, refresh_messages=0))
+    t = exp.registry["ipv4_tcp"]
+    per = (1452 - 20) // t.record_length
+    exp.export(t, synthetic_records("ipv4_tcp", per * int(rate * QUEUE_SECONDS) // 2), 1)
+    assert not exp.backlogged()
+    exp.export(t, synthetic_records("ipv4_tcp", per * int(rate * QUEUE_SECONDS)), 1)
+    assert exp.backlogged()
+    assert 0.05 <= exp.next_send_in() <= 1 / rate + 0.01
+    queued = exp.queued()
+    assert not exp.drain(stop=lambda: True)  # a second stop signal: give up what is queued
+    c = exp.sessions[0].counters
+    assert exp.queued() == 0 and c.not_sent_messages == queued
+    assert c.data_records + c.not_sent_records == per * int(rate * QUEUE_SECONDS) * 3 // 2

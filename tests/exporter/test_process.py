@@ -158,3 +158,66 @@ def test_sighup_reload_adds_a_collector_and_sends_templates_at_once(tmp_path):
     assert child.exitcode == 0
     assert first.flow_records() == 5
     assert second.flow_records() == 5
+
+
+def _push_all(endpoint, batches):
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 5000)
+    push.setsockopt(zmq.SNDHWM, 1)  # past the exporter's RECEIVE_HWM, only its reading lets us go on
+    push.connect(endpoint)
+    for i, (name, recs) in enumerate(batches):
+        push.send_multipart(records_message("w", i, name, 1, recs), copy=False)
+    push.close()  # linger: everything is handed to the exporter's socket
+    ctx.term()
+
+
+def _exporter_child_until_end(settings, endpoint):
+    process.run(settings, endpoint, producers=1)
+
+
+def test_paced_exporter_keeps_receiving_and_sends_everything_before_exit(tmp_path, monkeypatch):
+    sink = Sink()
+    endpoint = f"ipc://{tmp_path}/export"
+    rate, n = 1000, 1000
+    # the forked exporter holds at most 10 batches unread: the producer gets on only as it reads
+    monkeypatch.setattr(process, "RECEIVE_HWM", 10)
+    settings = ExportSettings(collectors=(sink.address,), stats_interval_s=0, export_rate=rate, export_burst=16)
+    child = multiprocessing.get_context("fork").Process(target=_exporter_child_until_end, args=(settings, endpoint))
+    child.start()
+    batches = [synthetic_records("ipv6_udp", 18, seed=i) for i in range(n)]  # one message each
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 1)
+    push.connect(endpoint)
+    t0 = time.monotonic()
+    for i, recs in enumerate(batches):
+        push.send_multipart(records_message("w", i, "ipv6_udp", 1, recs), copy=False)
+    handed = time.monotonic() - t0
+    push.send(EndOfStream("w", n).pack())
+    child.join(20)  # ZeroMQ drops what a peer that goes away has not read: stay until the exporter is done
+    took = time.monotonic() - t0
+    push.close(0)
+    ctx.term()
+    assert child.exitcode == 0
+    # the batches were taken while their messages waited for the pace, then all were sent before exit
+    assert handed < 0.5 * (n - 16) / rate, (handed, took)
+    assert took >= (n - 16) / rate
+    assert sink.flow_records() == n * 18
+
+
+def test_second_sigterm_during_a_paced_drain_exits_at_once(tmp_path):
+    sink = Sink()
+    endpoint = f"ipc://{tmp_path}/export"
+    settings = ExportSettings(collectors=(sink.address,), stats_interval_s=0, export_rate=100, export_burst=16)
+    child = multiprocessing.get_context("fork").Process(target=_exporter_child, args=(settings, endpoint))
+    child.start()
+    _push_all(endpoint, [("ipv4_tcp", synthetic_records("ipv4_tcp", 26 * 500, seed=1))])  # 5 s at 100/s
+    os.kill(child.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    os.kill(child.pid, signal.SIGTERM)
+    child.join(20)
+    assert child.exitcode == 0
+    assert time.monotonic() - t0 < 1.0
+    assert 0 < sink.flow_records() < 26 * 500

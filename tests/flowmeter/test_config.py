@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.exporting import ExportSettings
+from exporter.exporting import EXPORT_RATE, ExportSettings
 from exporter.transport import CollectorAddress
 from flowmeter.config import (
     KEYS,
@@ -124,6 +124,15 @@ BROKEN_PROFILES = [
     pytest.param(_flow_metadata(ExportingProcessId=-1),
                  "{path}: ExportingProcessId: -1 is not a whole number from 0 to 4294967295",
                  id="process-id-negative"),
+    pytest.param(_flow_metadata(ExportRate=-1),
+                 "{path}: ExportRate: -1 is not a whole number of messages per second from 0 to 10000000",
+                 id="export-rate-negative"),
+    pytest.param(_flow_metadata(ExportRate=1500.5),
+                 "{path}: ExportRate: 1500.5 is not a whole number of messages per second from 0 to 10000000",
+                 id="export-rate-fraction"),
+    pytest.param(_flow_metadata(ExportSocketBuffer=4096),
+                 "{path}: ExportSocketBuffer: 4096 is not a whole number of octets from 65536 to 1073741824",
+                 id="socket-buffer-too-small"),
 ]
 
 
@@ -149,7 +158,8 @@ def test_empty_flow_metadata_gives_defaults(tmp_path: Path) -> None:
     assert profile == Profile(
         collectors=(), direction="Both", interval_ms=0, enabled=True, observation_domain_id=1,
         max_message_size=1452, template_refresh_s=30.0, template_refresh_messages=256,
-        statistics_interval_s=60.0, exporting_process_id=0, sources=(), workers=0, idle_timeout_ms=15000,
+        statistics_interval_s=60.0, exporting_process_id=0, export_rate=EXPORT_RATE,
+        export_socket_buffer=4 << 20, sources=(), workers=0, idle_timeout_ms=15000,
         max_flows=1_000_000, local_networks=(),
         drop_prefixes=(("drop", 129), ("deny", 129), ("reject", 130)), source=str(path))
 
@@ -222,11 +232,20 @@ def test_export_settings_carry_the_exporter_settings() -> None:
     profile = parse_profile({"FlowMetadata": {
         "IpFixCollectors": ["Udp/127.0.0.1:4739"], "MaxMessageSize": 1400,
         "TemplateRefreshSeconds": 10, "TemplateRefreshMessages": 5,
-        "StatisticsIntervalSeconds": 1.5, "ExportingProcessId": 99}})
+        "StatisticsIntervalSeconds": 1.5, "ExportingProcessId": 99,
+        "ExportRate": 2000, "ExportSocketBuffer": 1 << 20}})
     assert profile.export_settings() == ExportSettings(
         collectors=(CollectorAddress(kind="udp", host="127.0.0.1", port=4739),),
         max_message=1400, refresh_s=10.0, refresh_messages=5, stats_interval_s=1.5,
-        exporting_process_id=99)
+        exporting_process_id=99, export_rate=2000, socket_buffer=1 << 20)
+
+
+def test_export_pacing_is_on_by_default_in_a_profile() -> None:
+    """A profile paces UDP export (a default collector socket overflows in bursts); 0 turns it off."""
+    settings = parse_profile({"FlowMetadata": {}}).export_settings()
+    assert settings.export_rate == EXPORT_RATE > 0
+    assert settings.socket_buffer == 4 << 20
+    assert parse_profile({"FlowMetadata": {"ExportRate": 0}}).export_settings().export_rate == 0
 
 
 def test_settings_table_covers_every_profile_attribute() -> None:

@@ -1,14 +1,16 @@
-"""Sequence numbers, message sizes and template refresh, as seen on the wire by tshark and nfcapd."""
+"""Sequence numbers, message sizes, template refresh and export pacing, as seen by tshark and nfcapd."""
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import pytest
 
-from collectors import Nfcapd, TsharkCapture, tshark_fields
-from exporter.exporting import ExportSettings
+from collectors import (Nfcapd, TsharkCapture, tshark_fields, udp_rcvbuf_errors, udp_socket_drops,
+                        wait_socket_drained)
+from exporter.exporting import EXPORT_BURST, ExportSettings
 from exporter.transport import CollectorAddress
+from flowmeter.config import parse_profile
 from flowmeter.demo import export_batches
 from flowmeter.synthetic import FLOW_TEMPLATE_NAMES, synthetic_records
 
@@ -29,7 +31,8 @@ def long_export(tmp_path_factory):
             batches.append((name, domain, synthetic_records(name, per_batch, seed=i * 2 + domain)))
     settings = ExportSettings(
         collectors=(CollectorAddress("udp", "127.0.0.1", a.port), CollectorAddress("udp", "127.0.0.1", b.port)),
-        max_message=MAX_MESSAGE, refresh_s=600, refresh_messages=50, stats_interval_s=60)
+        max_message=MAX_MESSAGE, refresh_s=600, refresh_messages=50, stats_interval_s=60,
+        segmented_sends=False)  # tshark on lo would see each segmented send as one packet
     try:
         code = export_batches(settings, batches)
         pcap = cap.stop()
@@ -118,3 +121,67 @@ def test_template_refresh_by_time_is_observed_at_the_configured_interval(tmp_pat
     assert len(template_times) >= 3, rows
     intervals = [b - a for a, b in zip(template_times, template_times[1:])]
     assert all(0.95 <= i <= 1.4 for i in intervals), intervals
+
+
+def _nfdump_rows(rows: list[dict]) -> Counter:
+    return Counter((r.get("src4_addr") or r.get("src6_addr"), r.get("dst4_addr") or r.get("dst6_addr"),
+                    r["proto"], r.get("src_port", 0), r.get("dst_port", 0), r["in_packets"], r["in_bytes"],
+                    r["first"], r["last"]) for r in rows)
+
+
+def test_big_batches_and_single_record_batches_reach_nfcapd_alike(tmp_path):
+    """A big batch goes out as runs of full messages built at once, in segmented sends; nfcapd sees no difference."""
+    batches = [(name, 5, synthetic_records(name, n, seed=i))
+               for i, (name, n) in enumerate((("ipv6_tcp", 2500), ("ipv4_udp", 2500), ("ipv4_icmp", 1000)))]
+    whole, single = Nfcapd(tmp_path / "whole"), Nfcapd(tmp_path / "single")
+    try:
+        for collector, feed in ((whole, batches),
+                                (single, [(n, d, recs[i:i + 1]) for n, d, recs in batches for i in range(len(recs))])):
+            settings = ExportSettings(collectors=(CollectorAddress("udp", "127.0.0.1", collector.port),),
+                                      refresh_messages=40, stats_interval_s=60)
+            assert export_batches(settings, feed) == 0
+        got_whole, got_single = whole.records(), single.records()
+    finally:
+        whole.stop()
+        single.stop()
+    assert len(got_whole) == len(got_single) == 6000
+    assert _nfdump_rows(got_whole) == _nfdump_rows(got_single)
+    for log in (whole.log_text(), single.log_text()):
+        assert "Sequence Errors: 0" in log and "Bad Packets: 0" in log, log
+
+
+PACED_RECORDS = 460_000
+
+
+def test_paced_export_into_a_default_nfcapd_loses_nothing(tmp_path):
+    """nfcapd with the kernel's default receive buffer (no -B) gets every record of a burst of 460,000.
+
+    Unpaced, the same burst loses most of its datagrams in nfcapd's socket
+    (the kernel counts them in ``Udp: RcvbufErrors``); the profile's default
+    ExportRate spreads them out.
+    """
+    nfcapd = Nfcapd(tmp_path / "default", receive_buffer=None)
+    settings = parse_profile({"FlowMetadata": {"IpFixCollectors": [nfcapd.collector]}}).export_settings()
+    assert settings.export_rate > 0
+    per_template = PACED_RECORDS // len(FLOW_TEMPLATE_NAMES)
+    batches = []
+    for i, name in enumerate(FLOW_TEMPLATE_NAMES):  # batches of thousands of one template, as workers send
+        recs = synthetic_records(name, per_template, seed=i)
+        batches += [(name, 1, recs[j:j + 10_000]) for j in range(0, per_template, 10_000)]
+    try:
+        drops, rcvbuf_errors = udp_socket_drops(nfcapd.port), udp_rcvbuf_errors()
+        t0 = time.monotonic()
+        assert export_batches(settings, batches) == 0
+        took = time.monotonic() - t0
+        wait_socket_drained(nfcapd.port)
+        drops = udp_socket_drops(nfcapd.port) - drops
+        rcvbuf_errors = udp_rcvbuf_errors() - rcvbuf_errors
+        stored = nfcapd.flow_count()
+    finally:
+        nfcapd.stop()
+    # RcvbufErrors counts every socket of the machine; the collector's own counter is the one to judge
+    assert drops == 0, f"nfcapd's socket dropped {drops} datagrams (Udp: RcvbufErrors grew by {rcvbuf_errors})"
+    assert stored == PACED_RECORDS
+    messages = PACED_RECORDS // 27  # fewer records fit in a message than that: a lower bound
+    assert took >= (messages - EXPORT_BURST) / settings.export_rate
+    assert "Sequence Errors: 0" in nfcapd.log_text(), nfcapd.log_text()
