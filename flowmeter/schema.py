@@ -41,6 +41,8 @@ error       child->supervisor  sender, role, message                      none
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import msgpack
@@ -59,7 +61,9 @@ class SchemaError(ValueError):
     """A message that does not follow this schema (counted and dropped by receivers)."""
 
 
+@functools.lru_cache(maxsize=64)
 def dtype_tag(dtype: np.dtype) -> str:
+    """The dtype's layout as text (the ``dtype`` field of a records header); cached, it is asked per batch."""
     return str(dtype.descr)
 
 
