@@ -60,7 +60,7 @@ from .transport import SEND_BUFFER, CollectorAddress, open_transport
 
 STATS_DOMAIN = 0  # RFC 7011 §4: exporter-wide records go in messages with ODID 0
 EXPORT_RATE = 15_000  # default ExportRate of a profile: messages/s per collector (0 = unlimited)
-EXPORT_BURST = 32  # messages a paced collector may get at once: ~75 KB of a 208 KB default buffer
+EXPORT_BURST = 8  # messages a paced collector may get at once: ~20 KB of a 208 KB default buffer
 # A paced queue this long (in seconds of its pace, or in octets) is full: the process stops
 # taking batches until it drains. Far out on purpose: batches must keep flowing while messages
 # wait (ZeroMQ drops the unread batches of a producer that exits meanwhile), and a full queue

@@ -106,8 +106,11 @@ def _load(profile: Optional[Path]):
         _fail(str(exc))
 
 
+REPLAY_NICE = 10  # a replay's capture and workers yield the CPU to everything else (see Supervisor)
+
+
 def _pipeline(p, files: tuple[str, ...], workers: Optional[int], what: str, captures: int = 1,
-              stats: Optional[Path] = None) -> None:
+              stats: Optional[Path] = None, nice: int = 0) -> None:
     from .supervisor import Supervisor
 
     missing = [f for f in files if not Path(f).is_file()]
@@ -115,7 +118,7 @@ def _pipeline(p, files: tuple[str, ...], workers: Optional[int], what: str, capt
         _fail(f"{what}: capture file {missing[0]} does not exist")
     if captures > len(files):
         _fail(f"{what}: --captures {captures} needs at least {captures} capture files, got {len(files)}")
-    sup = Supervisor(p, files, workers, captures=captures)
+    sup = Supervisor(p, files, workers, captures=captures, data_plane_nice=nice)
     code = sup.run()
     typer.echo(sup.summary(), err=True)
     for e in sup.errors:
@@ -145,7 +148,7 @@ def replay(captures: list[Path] = typer.Argument(..., help="pcap or pcapng files
     flushed at the end; a summary goes to stderr. Exit 1 if a file could not be read to its end.
     """
     p = _load(profile)
-    _pipeline(p, tuple(str(c) for c in captures), workers, "replay", capture_processes, stats)
+    _pipeline(p, tuple(str(c) for c in captures), workers, "replay", capture_processes, stats, REPLAY_NICE)
 
 
 @app.command()

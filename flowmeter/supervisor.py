@@ -65,9 +65,14 @@ def _set_process_name(name: str) -> None:
         pass
 
 
-def _child_main(name: str, target: Callable, args: tuple) -> None:
-    """Entry of every child: its name, fresh signal state, one line and a reserved code on a crash."""
+def _child_main(name: str, target: Callable, args: tuple, nice: int = 0) -> None:
+    """Entry of every child: its name, priority, fresh signal state, one line and a reserved code on a crash."""
     _set_process_name(name)
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, signal.SIG_DFL)
     try:
@@ -149,13 +154,18 @@ class Supervisor:
     """Runs one pipeline for a profile and a list of capture files."""
 
     def __init__(self, profile: Profile, files: tuple[str, ...], workers: int | None = None,
-                 err: TextIO = sys.stderr, progress: bool | None = None, captures: int = 1) -> None:
+                 err: TextIO = sys.stderr, progress: bool | None = None, captures: int = 1,
+                 data_plane_nice: int = 0) -> None:
         if not 1 <= captures <= max(1, len(files)):
             raise ValueError(f"captures: {captures} capture processes for {len(files)} file(s); "
                              "each capture process needs at least one file")
         self.profile = profile
         self.files = files
         self.captures = captures
+        # Added to the capture and worker processes' nice value (the exporter keeps its own): a
+        # replay is batch work and should not starve the machine's other programs, a collector
+        # reading our datagrams on the same host first of all.
+        self.data_plane_nice = data_plane_nice
         self.workers = workers or profile.worker_count
         self.err = err
         self.progress = err.isatty() if progress is None else progress
@@ -219,7 +229,8 @@ class Supervisor:
         mp = multiprocessing.get_context("fork")
 
         def start(name: str, role: str, target: Callable, args: tuple) -> None:
-            proc = mp.Process(target=_child_main, args=(name, target, args), name=f"flowmeter-{name}")
+            nice = self.data_plane_nice if role in ("capture", "worker") else 0
+            proc = mp.Process(target=_child_main, args=(name, target, args, nice), name=f"flowmeter-{name}")
             proc.start()
             self.children.append(ChildInfo(name, role, proc))
 
