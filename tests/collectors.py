@@ -130,18 +130,25 @@ class Nfcapd:
         self.directory = directory
         self.host = host
         self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.port = free_udp_port()
         self.log = directory / "nfcapd.log"
         self.flows = directory / "flows"
         self.flows.mkdir(parents=True, exist_ok=True)
-        args = ["nfcapd", "-b", host, "-p", str(self.port), "-w", str(self.flows), "-t", "3600"]
-        if receive_buffer is not None:
-            args += ["-B", str(receive_buffer)]
-        if self.family == socket.AF_INET6:
-            args.append("-6")
-        self._fh = open(self.log, "w")
-        self.proc = subprocess.Popen(args, stdout=self._fh, stderr=subprocess.STDOUT, env=UTC_ENV)
-        _wait_bound(self.port, self.proc, "nfcapd", self.log, self.family, host)
+        for attempt in range(5):  # the free port may be taken by another program before nfcapd binds it
+            self.port = free_udp_port()
+            args = ["nfcapd", "-b", host, "-p", str(self.port), "-w", str(self.flows), "-t", "3600"]
+            if receive_buffer is not None:
+                args += ["-B", str(receive_buffer)]
+            if self.family == socket.AF_INET6:
+                args.append("-6")
+            self._fh = open(self.log, "w")
+            self.proc = subprocess.Popen(args, stdout=self._fh, stderr=subprocess.STDOUT, env=UTC_ENV)
+            try:
+                _wait_bound(self.port, self.proc, "nfcapd", self.log, self.family, host)
+                return
+            except RuntimeError:
+                self._fh.close()
+                if self.proc.poll() is None or attempt == 4:
+                    raise
 
     @property
     def collector(self) -> str:
