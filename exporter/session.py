@@ -36,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .message import stamp
+from .transport import PEER_POLL_S
 
 
 @dataclass(slots=True)
@@ -147,6 +148,7 @@ class Session:
         self.queued = 0  # messages waiting in the queue
         self.queued_octets = 0
         self.bucket: TokenBucket | None = None
+        self._peer_full = False  # the local collector's receive queue had no room at the last look
         self.set_pace(rate, burst)
 
     def set_pace(self, rate: float, burst: int) -> None:
@@ -162,8 +164,22 @@ class Session:
         return self.bucket.rate if self.bucket is not None else 0.0
 
     def allowance(self) -> float:
-        """How many messages may leave now (infinite when not paced)."""
-        return math.inf if self.bucket is None else self.bucket.tokens()
+        """How many messages may leave now (infinite when not paced).
+
+        Paced: the tokens, and for a collector on this host also the room in
+        its socket's receive queue (``transport.LocalPeerQueue``).
+        """
+        if self.bucket is None:
+            return math.inf
+        tokens = self.bucket.tokens()
+        peer = getattr(self.transport, "peer", None)
+        if peer is not None and tokens >= 1:
+            room = peer.room(self.queue[0].out.size if self.queue else 1500, time.monotonic())
+            if room is not None and room < tokens:
+                self._peer_full = room < 1
+                return room
+        self._peer_full = False
+        return tokens
 
     def send_wait(self) -> float | None:
         """Seconds until the queue can go on (a burst's worth of tokens); None = nothing queued."""
@@ -171,7 +187,8 @@ class Session:
             return None
         if self.bucket is None:
             return 0.0
-        return self.bucket.wait(self.queued)
+        wait = self.bucket.wait(self.queued)
+        return max(wait, PEER_POLL_S) if self._peer_full else wait
 
     def enqueue(self, out: Outgoing) -> None:
         self.queue.append(Queued(out))
@@ -270,6 +287,9 @@ class Session:
                 st.messages_since_templates += sent
             if self.bucket is not None:
                 self.bucket.take(sent)
+                peer = getattr(self.transport, "peer", None)
+                if peer is not None:
+                    peer.sent(sent, out.size)
         if error is None:
             return sent, 0
         name = errno.errorcode.get(error.errno or 0, "EIO")

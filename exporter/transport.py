@@ -34,6 +34,7 @@ belong to the session (``exporter/session.py``).
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import select
 import socket
@@ -88,6 +89,91 @@ class CollectorAddress:
         return f"Udp/{host}:{self.port}"
 
 
+PEER_POLL_S = 0.001  # how often a local collector's receive queue is read while messages wait
+PEER_FILL = 0.5  # share of a local collector's receive buffer the exporter may fill
+PEER_PATIENCE_S = 0.5  # a local collector that reads nothing for this long is no longer waited for
+
+
+class LocalPeerQueue:
+    """The receive queue of a collector's socket on this host (loopback), as the kernel reports it.
+
+    A collector on the same machine reads with whatever receive buffer it
+    has (nfcapd: the kernel's default, 208 KiB), and a moment without CPU
+    (another process's time slice, its own disk writes) overflows it at any
+    useful export rate: the datagrams are lost and UDP tells nobody. On this
+    host the kernel does tell: ``/proc/net/udp`` lists every socket's receive
+    queue. The exporter reads it (at most every ``PEER_POLL_S`` while
+    messages wait) and sends only while the queue stays under ``PEER_FILL``
+    of ``net.core.rmem_default``, counting what it sent since the last read
+    at twice its size (the kernel's per-datagram overhead). Anything else --
+    a remote collector, no ``/proc``, the socket not found -- leaves the
+    pacing alone.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        ip = ipaddress.ip_address(host)
+        self.path = "/proc/net/udp6" if ip.version == 6 else "/proc/net/udp"
+        word = (lambda b: "".join(f"{int.from_bytes(b[i:i + 4], 'little'):08X}" for i in range(0, len(b), 4)))
+        self.keys = {f"{word(ip.packed)}:{port:04X}", f"{word(bytes(len(ip.packed)))}:{port:04X}"}
+        try:
+            with open("/proc/sys/net/core/rmem_default") as fh:
+                buffer = int(fh.read())
+        except (OSError, ValueError):
+            buffer = 212992
+        self.limit = int(buffer * PEER_FILL)
+        self._room = 0  # octets the queue can still take, as of the last read minus what went since
+        self._read_at = -1.0
+        self._last_queued = 0
+        self._progress_at = 0.0  # when the queue last had room or shrank
+
+    @classmethod
+    def for_address(cls, host: str, port: int) -> LocalPeerQueue | None:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        if not ip.is_loopback:
+            return None
+        peer = cls(host, port)
+        return peer if peer.queued() is not None or os.path.exists(peer.path) else None
+
+    def queued(self) -> int | None:
+        """Octets waiting in the collector socket's receive queue; None if it is not found."""
+        try:
+            with open(self.path) as fh:
+                lines = fh.read().splitlines()[1:]
+        except OSError:
+            return None
+        for line in lines:
+            f = line.split()
+            if len(f) > 4 and f[1] in self.keys:
+                return int(f[4].split(":")[1], 16)
+        return None
+
+    def room(self, size: int, now: float) -> int | None:
+        """Messages of ``size`` octets the collector's queue can take now; None = no limit known.
+
+        A collector that does not read for ``PEER_PATIENCE_S`` (stopped,
+        hung) is not waited for: the limit is lifted until its queue has
+        room again, and what overflows is lost as with any UDP collector.
+        """
+        if now - self._read_at >= PEER_POLL_S:
+            q = self.queued()
+            self._read_at = now
+            if q is None:
+                return None
+            self._room = self.limit - q
+            if q < self._last_queued or self._room >= 2 * size + 512:
+                self._progress_at = now
+            self._last_queued = q
+        if now - self._progress_at > PEER_PATIENCE_S:
+            return None
+        return max(0, self._room // (2 * size + 512))
+
+    def sent(self, n: int, size: int) -> None:
+        self._room -= n * (2 * size + 512)
+
+
 class UdpTransport:
     """A connected, non-blocking UDP socket to one collector."""
 
@@ -101,6 +187,7 @@ class UdpTransport:
         self._sock: socket.socket | None = None
         self._next_connect = 0.0
         self.last_error = ""
+        self.peer = LocalPeerQueue.for_address(address.host, address.port)  # None: not on this host
         self._connect(0.0)
 
     def set_send_buffer(self, octets: int) -> int:

@@ -430,3 +430,41 @@ def test_a_queue_far_behind_its_pace_holds_input_back_and_a_stop_counts_it_not_s
     c = exp.sessions[0].counters
     assert exp.queued() == 0 and c.not_sent_messages == queued
     assert c.data_records + c.not_sent_records == per * int(rate * QUEUE_SECONDS) * 3 // 2
+
+
+def test_a_slow_collector_on_this_host_loses_nothing_however_high_the_rate():
+    # A collector on loopback with the kernel's default receive buffer, reading slowly: the exporter
+    # watches its socket's receive queue (/proc/net/udp) and sends only while there is room.
+    import threading
+
+    from collectors import udp_socket_drops
+    from exporter.transport import CollectorAddress
+
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(1.0)
+    port = rx.getsockname()[1]
+    got = []
+
+    def read_slowly():
+        while True:
+            try:
+                got.append(len(rx.recv(65535)))
+            except socket.timeout:
+                return
+            if len(got) % 20 == 0:
+                time.sleep(0.002)  # about 10k datagrams/s at best: slower than the exporter may send
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    exp = ExportingProcess(ExportSettings(collectors=(CollectorAddress("udp", host="127.0.0.1", port=port),),
+                                          stats_interval_s=0, refresh_messages=0, export_rate=200_000,
+                                          export_burst=64))
+    assert exp.sessions[0].transport.peer is not None
+    exp.export(exp.registry["ipv4_tcp"], synthetic_records("ipv4_tcp", 26 * 3000, seed=5), 1)
+    assert exp.drain()
+    reader.join()
+    drops = udp_socket_drops(port)
+    rx.close()
+    assert drops == 0
+    assert len(got) == exp.sessions[0].counters.messages == 3001  # every message arrived, templates too
