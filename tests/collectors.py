@@ -48,6 +48,18 @@ def _wait_bound(port: int, proc: subprocess.Popen, what: str, log: Path, family=
     raise RuntimeError(f"{what} did not bind port {port}: {log.read_text()[-2000:]}")
 
 
+def _udp_sockets(port: int) -> list[list[str]]:
+    """The /proc/net/udp{,6} rows (split in fields) of the UDP sockets bound to ``port``."""
+    rows = []
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        rows += [f for f in (line.split() for line in lines) if int(f[1].rsplit(":", 1)[1], 16) == port]
+    return rows
+
+
 def wait_socket_drained(port: int, timeout_s: float = 10.0) -> None:
     """Wait until the UDP socket bound to ``port`` has read every datagram queued for it.
 
@@ -56,17 +68,7 @@ def wait_socket_drained(port: int, timeout_s: float = 10.0) -> None:
     """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        queued = 0
-        for table in ("/proc/net/udp", "/proc/net/udp6"):
-            try:
-                lines = Path(table).read_text().splitlines()[1:]
-            except OSError:
-                continue
-            for line in lines:
-                fields = line.split()
-                if int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    queued += int(fields[4].split(":")[1], 16)
-        if queued == 0:
+        if sum(int(f[4].split(":")[1], 16) for f in _udp_sockets(port)) == 0:
             return
         time.sleep(0.05)
 
@@ -97,17 +99,7 @@ def udp_socket_drops(port: int) -> int:
     in /proc/net/snmp, for this socket only (other programs on the machine do
     not count).
     """
-    drops = 0
-    for table in ("/proc/net/udp", "/proc/net/udp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port:
-                drops += int(fields[-1])
-    return drops
+    return sum(int(f[-1]) for f in _udp_sockets(port))
 
 
 def udp_rcvbuf_errors() -> int:
