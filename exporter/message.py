@@ -56,7 +56,6 @@ from .template import Template
 VERSION = 10
 HEADER = struct.Struct("!HHIII")  # version, length, export time, sequence, domain
 SET_HEADER = struct.Struct("!HH")  # set id, length
-_SEQ = struct.Struct("!I")
 _TIME_SEQ = struct.Struct("!II")  # export time, sequence: header octets 4-11
 HEADER_LEN = HEADER.size
 SET_HEADER_LEN = SET_HEADER.size
@@ -173,11 +172,6 @@ class Message:
         HEADER.pack_into(self._buf, 0, VERSION, self._off, export_time & 0xFFFFFFFF,
                          sequence & 0xFFFFFFFF, self.domain)
         return self._view[:self._off]
-
-
-def set_sequence(message: memoryview | bytearray, sequence: int) -> None:
-    """Patch the sequence number of a finished message in place (per transport session)."""
-    _SEQ.pack_into(message, 8, sequence & 0xFFFFFFFF)
 
 
 def message_rows(template: Template, wire: memoryview | bytes, start: int, messages: int,

@@ -47,7 +47,11 @@ def symmetric_flow_hash(packets: npt.NDArray) -> npt.NDArray[np.uint64]:
 
 
 def split_by_worker(packets: npt.NDArray, workers: int) -> list[npt.NDArray]:
-    """``packets`` cut into one contiguous array per worker, packet order kept within each."""
+    """``packets`` cut into one contiguous array per worker, packet order kept within each.
+
+    The numpy statement of what ``route_kernel`` does in the capture (the
+    tests hold the kernel to it); too slow for the hot path.
+    """
     if workers == 1:
         return [packets]
     owner = (symmetric_flow_hash(packets) >> np.uint64(33)) % np.uint64(workers)
