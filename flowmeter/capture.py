@@ -1,7 +1,8 @@
-"""The capture process: capture files in, decoded packet batches out to the shard workers.
+"""The capture process: a source in, decoded packet batches out to the shard workers.
 
 Its whole life is ``run()``: connect to every worker and to the supervisor;
-for each source file, walk its records in batches, decode them into
+read its source -- capture files in turn, or one live source (``sources``)
+until told to stop -- in batches, decode them into
 ``PACKET_DTYPE`` rows, settle direction and policy (``DirectionPolicy``),
 split the rows by symmetric flow hash and push each worker its share,
 together with the capture clock (packet time), which every worker gets
@@ -9,7 +10,8 @@ with every batch so timers fire alike on all shards. It ends with an
 end-of-stream to every worker, after the last file or on SIGTERM/SIGINT.
 
 Frames that are not metered are counted by cause (not IP, malformed,
-truncated, unsupported link type, other direction); a capture file that
+truncated, unsupported link type, other direction, flowmeter's own export
+datagrams on a live interface); a capture file that
 stops early (truncated, garbage) is reported as an error after what could
 be read was metered.
 """
@@ -32,15 +34,20 @@ from .shard import Router
 BATCH_PACKETS = 65536
 PROGRESS_S = 0.5
 SEND_HWM = 64  # batches queued per worker before the capture waits for it
+LIVE_WAIT_S = 0.1  # a live source is polled this long at most between checks for a stop
+OWN_EXPORT = "own export"  # not-metered cause: UDP to a collector (see ``CaptureSettings.exclude``)
 
 
 @dataclass(frozen=True, slots=True)
 class CaptureSettings:
     index: int
-    files: tuple[str, ...]
+    files: tuple[str, ...] = ()  # capture files, read in turn (no live source)
     direction: str = "Both"
     local_networks: tuple = ()
     drop_prefixes: tuple = ()
+    # (ip_version, address hi, address lo, port) of each UDP collector: datagrams to one are
+    # flowmeter's own export, not metered from a live source
+    exclude: tuple[tuple[int, int, int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +64,8 @@ class CaptureCounters:
     file_octets: int = 0  # capture file octets read
     file_size: int = 0
     not_metered: dict[str, int] = field(default_factory=dict)
+    source: str = ""
+    source_counters: dict[str, int] = field(default_factory=dict)  # the live source's own
 
     def count(self, cause: str, n: int) -> None:
         if n:
@@ -65,8 +74,9 @@ class CaptureCounters:
     def as_map(self) -> dict:
         return {"frames": self.frames, "packets": self.packets, "octets": self.octets,
                 "file_octets": self.file_octets, "file_size": self.file_size,
-                "cpu_s": round(time.process_time(), 3),
-                **{f"not metered: {k}": v for k, v in self.not_metered.items()}}
+                "cpu_s": round(time.process_time(), 3), **({"source": self.source} if self.source else {}),
+                **{f"not metered: {k}": v for k, v in self.not_metered.items()},
+                **{f"source {k}": v for k, v in self.source_counters.items()}}
 
 
 class Capture:
@@ -84,6 +94,7 @@ class Capture:
         self.counters = CaptureCounters()
         self._rows = np.empty(BATCH_PACKETS, dtype=PACKET_DTYPE)
         self._status = np.empty(BATCH_PACKETS, dtype=np.uint8)
+        self._exclude = np.array(settings.exclude, dtype=np.uint64).reshape(-1, 4)
         self.errors: list[str] = []
 
     def meter_file(self, path: str, stop=lambda: False, progress=lambda: None) -> None:
@@ -103,6 +114,20 @@ class Capture:
         if not capture.complete and capture.error:
             self.errors.append(capture.error)
 
+    def meter_live(self, source, stop=lambda: False, progress=lambda: None) -> None:
+        """Read a live source until ``stop()``; its counters go with the capture's."""
+        self.counters.source = source.name
+        while not stop():
+            for item in source.read(LIVE_WAIT_S):
+                if isinstance(item, np.ndarray):
+                    self.meter_rows(item, np.zeros(len(item), np.uint8))
+                else:
+                    self.meter_batch(item)
+                if stop():
+                    break
+            self.counters.source_counters = source.counters()
+            progress()
+
     def meter_batch(self, batch) -> None:
         n = len(batch.offset)
         if n > len(self._rows):
@@ -119,6 +144,19 @@ class Capture:
                 code = self.policy.drop_status(prefix)
                 if code:
                     rows["fwd_status"][index] = code
+        self.meter_rows(rows, status)
+
+    def meter_rows(self, rows, status) -> None:
+        """Decoded rows (those with ``status`` 0) to the workers: own export left out, direction, shard."""
+        if len(self._exclude) and len(rows):
+            own = np.zeros(len(rows), bool)
+            for version, hi, lo, port in self._exclude:
+                own |= ((rows["proto"] == 17) & (rows["dport"] == port) & (rows["dst_lo"] == lo)
+                        & (rows["dst_hi"] == hi) & (rows["ip_version"] == version))
+            own &= status == ST_OK
+            if own.any():
+                status[own] = 255
+                self.counters.count(OWN_EXPORT, int(own.sum()))
         parts, kept, octets, other, newest = self.router.route(rows, status)
         self.clock_ns = max(self.clock_ns, newest)
         self.counters.count("other direction", other)
@@ -133,8 +171,9 @@ class Capture:
             self._send(w, [EndOfStream(self.name, self.seq[w]).pack()])
 
 
-def run(settings: CaptureSettings, endpoints: CaptureEndpoints) -> int:
-    """The capture's life: every file in turn, then end-of-stream to every worker."""
+def run(settings: CaptureSettings, endpoints: CaptureEndpoints, source=None) -> int:
+    """The capture's life: every file in turn, or the live ``source`` (opened already) until
+    SIGTERM/SIGINT; then end-of-stream to every worker."""
     stopping = []
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda signum, frame: stopping.append(signum))
@@ -160,6 +199,14 @@ def run(settings: CaptureSettings, endpoints: CaptureEndpoints) -> int:
             last[0] = now
 
     try:
+        if source is not None:
+            try:
+                cap.meter_live(source, stop=lambda: bool(stopping), progress=progress)
+            except OSError as exc:  # the interface went away, the socket failed: say so, drain
+                cap.errors.append(f"{source.name}: {exc.strerror or exc}")
+            finally:
+                cap.counters.source_counters = source.counters()
+                source.close()
         for path in settings.files:
             if stopping:
                 break

@@ -110,15 +110,15 @@ REPLAY_NICE = 10  # a replay's capture and workers yield the CPU to everything e
 
 
 def _pipeline(p, files: tuple[str, ...], workers: Optional[int], what: str, captures: int = 1,
-              stats: Optional[Path] = None, nice: int = 0) -> None:
+              stats: Optional[Path] = None, nice: int = 0, live: tuple = ()) -> None:
     from .supervisor import Supervisor
 
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         _fail(f"{what}: capture file {missing[0]} does not exist")
-    if captures > len(files):
+    if files and captures > len(files):
         _fail(f"{what}: --captures {captures} needs at least {captures} capture files, got {len(files)}")
-    sup = Supervisor(p, files, workers, captures=captures, data_plane_nice=nice)
+    sup = Supervisor(p, files, workers, captures=captures, data_plane_nice=nice, live=live)
     code = sup.run()
     typer.echo(sup.summary(), err=True)
     for e in sup.errors:
@@ -154,11 +154,14 @@ def replay(captures: list[Path] = typer.Argument(..., help="pcap or pcapng files
 @app.command()
 def run(profile: Path = typer.Option(..., "--profile", "-p", help="profile JSON file"),
         workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, max=64)) -> None:
-    """Meter the profile's Sources until they end or SIGTERM/SIGINT, then drain: every metered flow is exported."""
+    """Meter the profile's Sources until SIGTERM/SIGINT (or, with capture files only, their end), then
+    drain: every metered flow is exported. Live sources log their counts every 10 s."""
     p = _load(profile)
     if not p.sources:
-        _fail(f"{p.source}: Sources: [] has no source; flowmeter run needs at least one (pcap:PATH)")
-    _pipeline(p, p.sources, workers, "run")
+        _fail(f"{p.source}: Sources: [] has no source; flowmeter run needs at least one "
+              "(pcap:PATH, afpacket:IFACE, nflog:GROUP or feed:ENDPOINT)")
+    files = tuple(s.target for s in p.sources if not s.live)
+    _pipeline(p, files, workers, "run", live=tuple(s for s in p.sources if s.live))
 
 
 @app.command()

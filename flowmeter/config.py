@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import pwd
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,10 +31,13 @@ from typing import Any
 from exporter.exporting import EXPORT_RATE, ExportSettings
 from exporter.transport import SEND_BUFFER, CollectorAddress
 
+from .sources import KINDS, SourceSpec
+
 SECTION = "FlowMetadata"
 DIRECTIONS = ("Both", "SendingToPeer", "ReceivedFromPeer")
 COLLECTOR_FORMS = "Udp/ADDRESS:PORT or File/PATH"
-SOURCE_FORMS = "pcap:PATH (a pcap or pcapng file)"
+SOURCE_FORMS = "pcap:PATH, afpacket:IFACE, nflog:GROUP or feed:ENDPOINT"
+_IFNAME = re.compile(r"[^/\s:]{1,15}")  # a Linux interface name (IFNAMSIZ - 1 octets)
 # forwardingStatus values for frames dropped by policy (IANA, RFC 7270 / RFC 9710)
 DROP_REASONS = {"Unknown": 128, "AclDeny": 129, "AclDrop": 130, "Unroutable": 131, "Policer": 138,
                 "BadTtl": 137, "Rpf": 140, "ForUs": 141}
@@ -172,18 +176,38 @@ def _file_collector(item: str, path: str) -> CollectorAddress:
     return CollectorAddress(kind="file", path=path)
 
 
-def _sources(items: list[Any]) -> tuple[str, ...]:
-    """``pcap:PATH`` entries (pcap or pcapng files); the path must be a readable file."""
+def _sources(items: list[Any]) -> tuple[SourceSpec, ...]:
+    """Each entry checked as far as it can be before it is opened (interfaces may come later)."""
     out = []
     for index, item in enumerate(items):
         where = f"[{index}]"
-        if not isinstance(item, str) or not item.lower().startswith("pcap:") or len(item) == 5:
+        kind, _, target = item.partition(":") if isinstance(item, str) else ("", "", "")
+        kind = kind.lower()
+        if kind not in KINDS or not target:
             raise _Rejected(f"{_show(item)} is not {SOURCE_FORMS}", where)
-        path = item[5:]
-        if not os.path.isfile(path):
-            raise _Rejected(f"capture file {_show(path)} of {_show(item)} does not exist", where)
-        out.append(path)
+        if kind == "pcap" and not os.path.isfile(target):
+            raise _Rejected(f"capture file {_show(target)} of {_show(item)} does not exist", where)
+        if kind == "afpacket" and not _IFNAME.fullmatch(target):
+            raise _Rejected(f"{_show(target)} of {_show(item)} is not an interface name", where)
+        if kind == "nflog" and not (target.isdigit() and 0 <= int(target) <= 65535):
+            raise _Rejected(f"{_show(target)} of {_show(item)} is not a log group from 0 to 65535", where)
+        if kind == "feed" and not re.fullmatch(r"(ipc://.+|tcp://.+:[0-9]+)", target):
+            raise _Rejected(f"{_show(target)} of {_show(item)} is not a ZeroMQ endpoint "
+                            "(ipc://PATH or tcp://HOST:PORT)", where)
+        spec = SourceSpec(kind, target)
+        if spec in out:
+            raise _Rejected(f"{_show(item)} is listed twice", where)
+        out.append(spec)
     return tuple(out)
+
+
+def _user(name: str) -> str:
+    if name:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            raise _Rejected(f"{_show(name)} is not a user of this system") from None
+    return name
 
 
 def _networks(items: list[Any]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -289,8 +313,24 @@ SETTINGS: tuple[Setting, ...] = (
             f"a whole number of octets from {MIN_SOCKET_BUFFER} to {MAX_SOCKET_BUFFER}",
             "send buffer (SO_SNDBUF) of each UDP collector's socket", _within(MIN_SOCKET_BUFFER, MAX_SOCKET_BUFFER)),
     Setting("Sources", "sources", list, [], "a list of strings",
-            "what flowmeter run meters: pcap:PATH (pcap or pcapng file)", _sources,
-            lambda paths: [f"pcap:{p}" for p in paths]),
+            "what flowmeter run meters: pcap:PATH (pcap or pcapng file), afpacket:IFACE (an interface), "
+            "nflog:GROUP (frames the firewall logs to a netfilter log group), feed:ENDPOINT (an overlay "
+            "agent's ZeroMQ feed)", _sources, lambda specs: [str(s) for s in specs]),
+    Setting("Fanout", "fanout", int, 1, "a whole number from 1 to 16",
+            "capture processes per afpacket source, sharing its frames by flow hash (PACKET_FANOUT)",
+            _within(1, 16)),
+    Setting("SnapLength", "snap_length", int, 256, "a whole number of octets from 96 to 65535",
+            "octets of each frame copied from the kernel (afpacket, nflog): headers are all that is metered",
+            _within(96, 65535)),
+    Setting("CaptureFilter", "capture_filter", str, "", "a tcpdump filter expression",
+            "afpacket sources meter only frames this expression matches (compiled by tcpdump); "
+            "empty = every frame"),
+    Setting("MeterExport", "meter_export", bool, False, "true or false",
+            "meter UDP datagrams to the collectors' addresses and ports (flowmeter's own export); "
+            "false keeps a capture of the export interface from metering itself"),
+    Setting("User", "user", str, "", "the name of a user of this system",
+            "started as root: every process runs as this user once the capture sockets are open; "
+            "empty = stay root", _user),
     Setting("Workers", "workers", int, 0, "a whole number from 0 to 64",
             "shard workers (flow tables); 0 = chosen for the machine", _within(0, 64)),
     Setting("IdleTimeout", "idle_timeout_ms", int, 15000,
@@ -326,7 +366,12 @@ class Profile:
     exporting_process_id: int
     export_rate: int
     export_socket_buffer: int
-    sources: tuple[str, ...]
+    sources: tuple[SourceSpec, ...]
+    fanout: int
+    snap_length: int
+    capture_filter: str
+    meter_export: bool
+    user: str
     workers: int
     idle_timeout_ms: int
     max_flows: int

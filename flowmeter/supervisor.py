@@ -65,9 +65,14 @@ def _set_process_name(name: str) -> None:
         pass
 
 
-def _child_main(name: str, target: Callable, args: tuple, nice: int = 0) -> None:
-    """Entry of every child: its name, priority, fresh signal state, one line and a reserved code on a crash."""
+def _child_main(name: str, target: Callable, args: tuple, nice: int = 0, foreign: tuple = ()) -> None:
+    """Entry of every child: its name, priority, fresh signal state, one line and a reserved code on a crash.
+
+    ``foreign`` are the live sources other processes read: this child's copies are closed.
+    """
     _set_process_name(name)
+    for source in foreign:
+        source.close()
     if nice:
         try:
             os.nice(nice)
@@ -144,10 +149,32 @@ def _worker_child(settings, endpoints) -> int:
     return run(settings, endpoints)
 
 
-def _capture_child(settings, endpoints) -> int:
+def _capture_child(settings, endpoints, source=None, spec=None, profile=None) -> int:
     from .capture import run
 
-    return run(settings, endpoints)
+    if spec is not None:  # opened here: a feed's ZeroMQ socket
+        from .sources import open_source
+
+        def log(line: str) -> None:
+            sys.stderr.write(f"flowmeter: {spec}: {line}\n")
+            sys.stderr.flush()
+
+        source = open_source(spec, profile, log=log)
+    return run(settings, endpoints, source)
+
+
+def drop_privileges(user: str, rundir: str) -> None:
+    """Started as root with ``User`` set: become that user (its groups only); the runtime
+    directory becomes its own, still closed to everyone else."""
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    os.chown(rundir, entry.pw_uid, entry.pw_gid)
+    os.chmod(rundir, 0o700)
+    os.initgroups(user, entry.pw_gid)
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    os.environ["HOME"] = entry.pw_dir
 
 
 class Supervisor:
@@ -155,13 +182,14 @@ class Supervisor:
 
     def __init__(self, profile: Profile, files: tuple[str, ...], workers: int | None = None,
                  err: TextIO = sys.stderr, progress: bool | None = None, captures: int = 1,
-                 data_plane_nice: int = 0) -> None:
-        if not 1 <= captures <= max(1, len(files)):
+                 data_plane_nice: int = 0, live: tuple = ()) -> None:
+        if files and not 1 <= captures <= len(files):
             raise ValueError(f"captures: {captures} capture processes for {len(files)} file(s); "
                              "each capture process needs at least one file")
         self.profile = profile
         self.files = files
-        self.captures = captures
+        self.live = live  # SourceSpecs of live sources: one capture process each (Fanout for afpacket)
+        self.captures = captures if files else 0
         # Added to the capture and worker processes' nice value (the exporter keeps its own): a
         # replay is batch work and should not starve the machine's other programs, a collector
         # reading our datagrams on the same host first of all.
@@ -174,6 +202,7 @@ class Supervisor:
         self.errors: list[str] = []
         self.started = 0.0
         self.elapsed = 0.0
+        self._status_at = 0.0
 
     # --- signals: record in the handler, act in the loop ---------------------
     def _on_signal(self, signum, frame) -> None:
@@ -206,16 +235,72 @@ class Supervisor:
 
         tune_allocator()
         warm_up()
+        try:
+            opened = self._open_live()
+        except OSError as exc:
+            self.errors.append(str(exc))
+            return 1
         rundir = tempfile.mkdtemp(prefix="flowmeter-", dir=os.environ.get("XDG_RUNTIME_DIR"))
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
-            return self._run(rundir)
+            if self.profile.user and os.geteuid() == 0:
+                try:
+                    drop_privileges(self.profile.user, rundir)
+                except OSError as exc:
+                    self.errors.append(f"User: cannot become {self.profile.user}: {exc.strerror or exc}")
+                    return 1
+            return self._run(rundir, opened)
         finally:
+            for _spec, source in opened:
+                if source is not None:
+                    source.close()
             for s, h in old.items():
                 signal.signal(s, h)
             shutil.rmtree(rundir, ignore_errors=True)
 
-    def _run(self, rundir: str) -> int:
+    def _open_live(self) -> list[tuple]:
+        """(spec, source) per live capture process; sources that need root are opened now, before
+        any child is forked and before root is given up; a feed is opened by its own process."""
+        from .sources import OPENED_BEFORE_FORK, open_source
+
+        opened: list[tuple] = []
+        try:
+            for n, spec in enumerate(self.live):
+                if spec.kind == "afpacket":
+                    # one fanout group per interface and run: the members are this run's processes only
+                    group = ((os.getpid() & 0xFFF) << 4 | n) & 0xFFFF
+                    for _ in range(self.profile.fanout):
+                        opened.append((spec, open_source(spec, self.profile, fanout_group=group)))
+                elif spec.kind in OPENED_BEFORE_FORK:
+                    opened.append((spec, open_source(spec, self.profile)))
+                else:
+                    opened.append((spec, None))
+        except OSError:
+            for _spec, source in opened:
+                if source is not None:
+                    source.close()
+            raise
+        return opened
+
+    def _exclusions(self) -> tuple:
+        """(ip_version, hi, lo, port) of every UDP collector, unless MeterExport is on."""
+        import ipaddress
+
+        if self.profile.meter_export:
+            return ()
+        out = []
+        for c in self.profile.collectors:
+            if c.kind != "udp":
+                continue
+            try:
+                addr = ipaddress.ip_address(c.host)
+            except ValueError:
+                continue
+            value = int(addr)
+            out.append((addr.version, value >> 64, value & ((1 << 64) - 1), c.port))
+        return tuple(out)
+
+    def _run(self, rundir: str, opened: list | None = None) -> int:
         from workers.worker import WorkerEndpoints, WorkerSettings
 
         from .capture import CaptureEndpoints, CaptureSettings
@@ -228,9 +313,14 @@ class Supervisor:
         per_worker = max(64, -(-p.max_flows // self.workers))
         mp = multiprocessing.get_context("fork")
 
-        def start(name: str, role: str, target: Callable, args: tuple) -> None:
+        opened = opened or []
+        sources = [source for _spec, source in opened if source is not None]
+        producers = self.captures + len(opened)
+
+        def start(name: str, role: str, target: Callable, args: tuple, own=None) -> None:
             nice = self.data_plane_nice if role in ("capture", "worker") else 0
-            proc = mp.Process(target=_child_main, args=(name, target, args, nice), name=f"flowmeter-{name}")
+            foreign = tuple(s for s in sources if s is not own)
+            proc = mp.Process(target=_child_main, args=(name, target, args, nice, foreign), name=f"flowmeter-{name}")
             proc.start()
             self.children.append(ChildInfo(name, role, proc))
 
@@ -240,7 +330,7 @@ class Supervisor:
         for i in range(self.workers):
             ws = WorkerSettings(index=i, max_flows=per_worker, idle_timeout_ns=p.idle_timeout_ms * 1_000_000,
                                 interval_ns=p.interval_ms * 1_000_000, domain=p.observation_domain_id,
-                                producers=self.captures)
+                                producers=producers, live=bool(opened))
             start(f"worker-{i}", "worker", _worker_child, (ws, WorkerEndpoints(ep_workers[i], ep_export, ep_control)))
         for i in range(self.captures):
             # One capture process: the files in order (e.g. a rotated capture). Several: the files
@@ -248,6 +338,19 @@ class Supervisor:
             cs = CaptureSettings(index=i, files=self.files[i::self.captures], direction=p.direction,
                                  local_networks=p.local_networks, drop_prefixes=p.drop_prefixes)
             start(f"capture-{i}", "capture", _capture_child, (cs, CaptureEndpoints(ep_workers, ep_control)))
+        exclude = self._exclusions()
+        for n, (spec, source) in enumerate(opened):
+            i = self.captures + n
+            cs = CaptureSettings(index=i, direction=p.direction, local_networks=p.local_networks,
+                                 drop_prefixes=p.drop_prefixes, exclude=exclude)
+            args = (cs, CaptureEndpoints(ep_workers, ep_control), source) + ((None, spec, p) if source is None else ())
+            start(f"capture-{i}", "capture", _capture_child, args, own=source)
+            if source is not None:  # a feed says so itself once bound
+                self.err.write(f"flowmeter: capture-{i}: {spec} open\n")
+        self.err.flush()
+        for source in sources:  # each is its capture process's now
+            source.close()
+        opened.clear()
 
         ctx = zmq.Context()
         control = ctx.socket(zmq.PULL)
@@ -277,6 +380,7 @@ class Supervisor:
                     if c.process.sentinel in events and c.process.exitcode is not None:
                         poller.unregister(c.process.sentinel)
                 self._show_progress()
+                self._log_sources()
                 if crashed is None:
                     crashed = next((c for c in self.children
                                     if c.process.exitcode not in (None, 0)), None)
@@ -346,6 +450,34 @@ class Supervisor:
                        f"{packets / dt:,.0f} packets/s")
         self.err.flush()
 
+    STATUS_S = 10.0  # a line per live source this often in the run's log
+
+    def _log_sources(self, final: bool = False) -> None:
+        """Per live source: packets, rate, kernel and our drops (the run's log, stderr)."""
+        if not self.live:
+            return
+        now = time.monotonic()
+        if not final and now - self._status_at < self.STATUS_S:
+            return
+        self._status_at = now
+        for line in self.source_lines():
+            self.err.write(f"flowmeter: {line}\n")
+        self.err.flush()
+
+    def source_lines(self) -> list[str]:
+        lines = []
+        dt = max(time.monotonic() - self.started, 1e-6) if not self.elapsed else self.elapsed
+        for c in self._children("capture"):
+            s = c.stats
+            if not s.get("source"):
+                continue
+            ours = sum(v for k, v in s.items() if k.startswith("not metered: ") and k != "not metered: other direction")
+            kernel = {k[len("source "):]: v for k, v in s.items() if k.startswith("source ") and isinstance(v, int)}
+            extra = "".join(f", {k} {v:,}" for k, v in kernel.items())
+            lines.append(f"{c.name} {s['source']}: {s.get('packets', 0):,} packets metered "
+                         f"({s.get('packets', 0) / dt:,.0f}/s), not metered {ours:,}{extra}")
+        return lines
+
     # --- report ----------------------------------------------------------------
     def totals(self) -> dict:
         """Summed counters of every role, for the summary and for tests."""
@@ -364,8 +496,10 @@ class Supervisor:
         cap, wrk, exp = t["capture"], t["worker"], t["exporter"]
         dt = max(self.elapsed, 1e-9)
         packets = cap.get("packets", 0)
+        what = ", ".join(filter(None, [f"{len(self.files)} capture file(s)" if self.files else "",
+                                       f"{len(self.live)} live source(s)" if self.live else ""]))
         lines = [
-            f"{len(self.files)} capture file(s), {cap.get('frames', 0):,} frames, {packets:,} packets metered "
+            f"{what}, {cap.get('frames', 0):,} frames, {packets:,} packets metered "
             f"({cap.get('octets', 0):,} layer-3 octets) in {dt:.2f} s = {packets / dt:,.0f} packets/s "
             f"with {self.workers} worker(s)" + (f" and {self.captures} capture processes" if self.captures > 1 else ""),
             f"flows: {wrk.get('flows', 0):,}; records: {wrk.get('records_out', 0):,} "
@@ -379,4 +513,4 @@ class Supervisor:
                          f"records sent, {c.get('not_sent_records', 0):,} not sent")
         if not exp.get("collectors"):
             lines.append("exporting is off: no records were sent")
-        return "\n".join(lines)
+        return "\n".join(lines + self.source_lines())
