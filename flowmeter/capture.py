@@ -17,8 +17,10 @@ be read was metered.
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +37,7 @@ BATCH_PACKETS = 65536
 PROGRESS_S = 0.5
 SEND_HWM = 64  # batches queued per worker before the capture waits for it
 LIVE_WAIT_S = 0.1  # a live source is polled this long at most between checks for a stop
+LIVE_LAST_S = 0.05  # after a stop, what reaches the source this soon is still read (a ring's last block)
 OWN_EXPORT = "own export"  # not-metered cause: UDP to a collector (see ``CaptureSettings.exclude``)
 
 
@@ -119,14 +122,19 @@ class Capture:
         self.counters.source = source.name
         while not stop():
             for item in source.read(LIVE_WAIT_S):
-                if isinstance(item, np.ndarray):
-                    self.meter_rows(item, np.zeros(len(item), np.uint8))
-                else:
-                    self.meter_batch(item)
+                self._meter_item(item)
                 if stop():
                     break
             self.counters.source_counters = source.counters()
             progress()
+        for item in source.read(LIVE_LAST_S):  # frames in flight at the stop are metered too
+            self._meter_item(item)
+
+    def _meter_item(self, item) -> None:
+        if isinstance(item, np.ndarray):  # rows the source decoded itself
+            self.meter_rows(item, np.zeros(len(item), np.uint8))
+        else:
+            self.meter_batch(item)
 
     def meter_batch(self, batch) -> None:
         n = len(batch.offset)
@@ -203,6 +211,8 @@ def run(settings: CaptureSettings, endpoints: CaptureEndpoints, source=None) -> 
             try:
                 cap.meter_live(source, stop=lambda: bool(stopping), progress=progress)
             except OSError as exc:  # the interface went away, the socket failed: say so, drain
+                if os.environ.get("FLOWMETER_DEBUG"):
+                    traceback.print_exc()
                 cap.errors.append(f"{source.name}: {exc.strerror or exc}")
             finally:
                 cap.counters.source_counters = source.counters()

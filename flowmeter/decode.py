@@ -620,15 +620,17 @@ def warm_up() -> None:
     from .pcapfile import CaptureFile
     from .pcapwrite import ethernet_ipv4_udp, pcap_header
 
+    # two records: the row columns of one row would look contiguous to numba, and a batch's are
+    # strided (a child would then load another compiled version, or compile it, on its first batch)
     frame = ethernet_ipv4_udp("192.0.2.1", "192.0.2.2", 1, 2)
-    pcap = pcap_header() + struct.pack("<IIII", 0, 0, len(frame), len(frame)) + frame
+    pcap = pcap_header() + (struct.pack("<IIII", 0, 0, len(frame), len(frame)) + frame) * 2
 
     def block(btype: int, body: bytes) -> bytes:
         return struct.pack("<II", btype, 12 + len(body)) + body + struct.pack("<I", 12 + len(body))
 
     pcapng = (block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))
               + block(1, struct.pack("<HHI", 1, 0, 0))
-              + block(6, struct.pack("<IIIII", 0, 0, 0, len(frame), len(frame)) + frame + b"\0" * (-len(frame) % 4)))
+              + block(6, struct.pack("<IIIII", 0, 0, 0, len(frame), len(frame)) + frame + b"\0" * (-len(frame) % 4)) * 2)
     for data in (pcap, pcapng):
         for batch in CaptureFile.from_bytes(data, "<warm-up>").batches():
             decode_batch(batch, np.empty(len(batch), PACKET_DTYPE), np.empty(len(batch), np.uint8))

@@ -302,7 +302,7 @@ class NflogSource:
             if n:
                 first = self._counts["frames"]
                 self._counts["frames"] += n
-                yield self._cols.batch(self._buf, n, first)
+                yield self._cols.batch(_read_only(self._buf), n, first)
 
     def _receive(self, used: int) -> int:
         """One datagram into ``buf[used:]``; its length, or -1 when nothing is waiting."""
@@ -329,13 +329,11 @@ class NflogSource:
         return dict(self._counts)
 
     def close(self) -> None:
-        """Unbind the group (best effort: closing the socket unbinds it too) and close."""
+        """Close this process's descriptor. The kernel unbinds the group when the socket's last
+        descriptor closes; an explicit unbind here would also unbind it for a process that
+        inherited the socket across a fork and still reads it."""
         if self._sock.fileno() < 0:
             return
-        try:
-            self._request(_attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_UNBIND])), ack=False)
-        except OSError:
-            pass
         self._poll.unregister(self._sock.fileno())
         self._sock.close()
 
@@ -344,3 +342,20 @@ class NflogSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def warm_up() -> None:
+    """Load (the first time on a machine: compile) the netlink walk, before capture processes fork."""
+    n = 1
+    walk_netlink_messages(np.zeros(64, np.uint8), 0, 0, sys.byteorder == "big", 0, 0, np.zeros(n, np.uint64),
+                          np.zeros(n, np.uint32), np.zeros(n, np.uint32), np.zeros(n, np.uint64),
+                          np.full(1, -1, np.int64))
+
+
+def _read_only(buf: np.ndarray) -> np.ndarray:
+    """A read-only view: batches of every source then have the type of a capture file's, so the
+    decode kernel compiled before the fork serves them (a process that gave up root cannot
+    write numba's cache to compile another)."""
+    view = buf.view()
+    view.flags.writeable = False
+    return view

@@ -156,10 +156,11 @@ def _capture_child(settings, endpoints, source=None, spec=None, profile=None) ->
         from .sources import open_source
 
         def log(line: str) -> None:
-            sys.stderr.write(f"flowmeter: {spec}: {line}\n")
+            sys.stderr.write(f"flowmeter: capture-{settings.index}: {spec} {line}\n")
             sys.stderr.flush()
 
         source = open_source(spec, profile, log=log)
+        log("open")
     return run(settings, endpoints, source)
 
 
@@ -235,6 +236,15 @@ class Supervisor:
 
         tune_allocator()
         warm_up()
+        kinds = {spec.kind for spec in self.live}
+        if "afpacket" in kinds:
+            from . import afpacket
+
+            afpacket.warm_up()
+        if "nflog" in kinds:
+            from . import nflog
+
+            nflog.warm_up()
         try:
             opened = self._open_live()
         except OSError as exc:
@@ -343,7 +353,7 @@ class Supervisor:
             i = self.captures + n
             cs = CaptureSettings(index=i, direction=p.direction, local_networks=p.local_networks,
                                  drop_prefixes=p.drop_prefixes, exclude=exclude)
-            args = (cs, CaptureEndpoints(ep_workers, ep_control), source) + ((None, spec, p) if source is None else ())
+            args = (cs, CaptureEndpoints(ep_workers, ep_control), source) + ((spec, p) if source is None else ())
             start(f"capture-{i}", "capture", _capture_child, args, own=source)
             if source is not None:  # a feed says so itself once bound
                 self.err.write(f"flowmeter: capture-{i}: {spec} open\n")

@@ -77,9 +77,15 @@ class Namespaces:
         return name
 
     def veth(self, ns_a: str, if_a: str, v4_a: str, v6_a: str, ns_b: str, if_b: str, v4_b: str, v6_b: str) -> None:
-        """A veth pair between two namespaces, addressed and up (IPv6 without DAD)."""
+        """A veth pair between two namespaces, addressed and up (IPv6 without DAD).
+
+        Segmentation offloads are off, as on a wire: each TCP segment is one
+        frame wherever it is captured (with them on, the sender's capture
+        sees one frame of up to 64 KiB where the receiver's sees several).
+        """
         self._ip("link", "add", if_a, "netns", ns_a, "type", "veth", "peer", "name", if_b, "netns", ns_b)
         for ns, ifname, v4, v6 in ((ns_a, if_a, v4_a, v6_a), (ns_b, if_b, v4_b, v6_b)):
+            self.run(ns, "ethtool", "-K", ifname, "tso", "off", "gso", "off", "gro", "off")
             self.run(ns, "sysctl", "-qw", f"net.ipv6.conf.{ifname}.accept_dad=0")
             self.run(ns, "ip", "addr", "add", v4, "dev", ifname)
             self.run(ns, "ip", "addr", "add", v6, "dev", ifname, "nodad")
