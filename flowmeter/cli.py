@@ -165,6 +165,29 @@ def run(profile: Path = typer.Option(..., "--profile", "-p", help="profile JSON 
 
 
 @app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="print the status documents as JSON")) -> None:
+    """Show every running ``flowmeter run`` of this user: per source, packets, rate and drops (kernel and ours)."""
+    from .supervisor import running_status
+
+    runs = running_status()
+    if as_json:
+        typer.echo(json.dumps(runs, indent=1))
+        return
+    if not runs:
+        _fail("status: no flowmeter run is running (as this user)")
+    for doc in runs:
+        typer.echo(f"pid {doc['pid']}, profile {doc.get('profile')}, up {doc.get('uptime_s', 0):,.0f} s, "
+                   f"sources: {', '.join(doc.get('sources', []))}")
+        for line in doc.get("lines", []):
+            typer.echo(f"  {line}")
+        for name, child in sorted(doc.get("children", {}).items()):
+            c = child.get("counters", {})
+            typer.echo(f"  {name}: pid {child.get('pid')}, {'running' if child.get('alive') else 'ended'}"
+                       + (f", {c.get('packets', 0):,} packets" if 'packets' in c else "")
+                       + (f", {c.get('records_out', 0):,} records" if 'records_out' in c else ""))
+
+
+@app.command()
 def demo(workers: int = typer.Option(2, "--workers", "-w", min=1, max=64, help="shard workers")) -> None:
     """Replay a capture shipped with flowmeter through the whole pipeline to a loopback collector; print its records."""
     from .demo import run_demo

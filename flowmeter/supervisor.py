@@ -22,6 +22,7 @@ error: it never hangs.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -204,6 +205,7 @@ class Supervisor:
         self.started = 0.0
         self.elapsed = 0.0
         self._status_at = 0.0
+        self._status_written = 0.0
 
     # --- signals: record in the handler, act in the loop ---------------------
     def _on_signal(self, signum, frame) -> None:
@@ -310,6 +312,28 @@ class Supervisor:
             out.append((addr.version, value >> 64, value & ((1 << 64) - 1), c.port))
         return tuple(out)
 
+    STATUS_FILE = "status.json"
+    STATUS_WRITE_S = 1.0
+
+    def _write_status(self, rundir: str) -> None:
+        """The live counters in the runtime directory, for ``flowmeter status`` (rewritten whole, atomically)."""
+        now = time.monotonic()
+        if now - self._status_written < self.STATUS_WRITE_S:
+            return
+        self._status_written = now
+        doc = {"pid": os.getpid(), "profile": self.profile.source, "uptime_s": round(now - self.started, 1),
+               "sources": [str(s) for s in self.live] + [f"pcap:{f}" for f in self.files],
+               "lines": self.source_lines(),
+               "children": {c.name: {"role": c.role, "pid": c.process.pid, "alive": c.process.exitcode is None,
+                                     "counters": c.stats} for c in self.children}}
+        tmp = os.path.join(rundir, self.STATUS_FILE + ".new")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(doc, f)
+            os.replace(tmp, os.path.join(rundir, self.STATUS_FILE))
+        except OSError:
+            pass  # the status file is a convenience; metering goes on
+
     def _run(self, rundir: str, opened: list | None = None) -> int:
         from workers.worker import WorkerEndpoints, WorkerSettings
 
@@ -391,6 +415,7 @@ class Supervisor:
                         poller.unregister(c.process.sentinel)
                 self._show_progress()
                 self._log_sources()
+                self._write_status(rundir)
                 if crashed is None:
                     crashed = next((c for c in self.children
                                     if c.process.exitcode not in (None, 0)), None)
@@ -524,3 +549,30 @@ class Supervisor:
         if not exp.get("collectors"):
             lines.append("exporting is off: no records were sent")
         return "\n".join(lines + self.source_lines())
+
+
+def running_status(base: str | None = None) -> list[dict]:
+    """The status of every flowmeter run this user can see (their runtime directories under ``base``)."""
+    import glob
+
+    base = base or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    out = []
+    for path in sorted(glob.glob(os.path.join(base, "flowmeter-*", Supervisor.STATUS_FILE))):
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("pid"), int) and _alive(doc["pid"]):
+            out.append(doc)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -202,6 +202,9 @@ def test_afpacket_meters_exactly_what_crossed_the_link(lab, tmp_path):
         run = Run(a, tmp_path, 1, Sources=["afpacket:va"], IpFixCollectors=[nf.collector], Workers=2)
         known = send_traffic(ns, a, b)
         dump.stop()
+        time.sleep(1.2)  # the status file is rewritten every second
+        status = subprocess.run([sys.executable, "-m", "flowmeter.cli", "status"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=60)
         log = run.stop()
         with entered(b):
             rows = nf.records()
@@ -228,6 +231,10 @@ def test_afpacket_meters_exactly_what_crossed_the_link(lab, tmp_path):
     assert "own export" in log, log
     assert want_packets[(A4, B4, 17, _src_port_of_export(want_packets, nf.port), nf.port)] > 0
     assert "capture-0 afpacket:va:" in log
+    # flowmeter status showed the run while it ran: its source, packets and kernel counts
+    assert status.returncode == 0, status.stderr
+    assert f"pid {run.proc.pid}" in status.stdout and "afpacket:va:" in status.stdout, status.stdout
+    assert "kernel drops 0" in status.stdout and "packets metered" in status.stdout
 
 
 def _src_port_of_export(packets: Counter, port: int) -> int:
