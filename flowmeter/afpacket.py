@@ -52,6 +52,7 @@ from .decode import LINKTYPE_ETHERNET, LINKTYPE_RAW
 from .jit import njit
 from .packets import DIR_EGRESS, DIR_INGRESS
 from .pcapfile import RecordBatch, _Columns, load_u16, load_u32
+from .sources import SourceError
 
 # linux/if_ether.h, linux/if_packet.h, asm-generic/socket.h
 ETH_P_ALL = 0x0003
@@ -77,10 +78,6 @@ TCPDUMP_LINKTYPES = {LINKTYPE_ETHERNET: "EN10MB", LINKTYPE_RAW: "RAW"}
 _REQ3 = struct.Struct("7I")  # tpacket_req3
 _STATS3 = struct.Struct("3I")  # tpacket_stats_v3: tp_packets, tp_drops, tp_freeze_q_cnt
 _FPROG = struct.Struct("HP")  # sock_fprog: instruction count, pointer to them
-
-
-class SourceError(OSError):
-    """A live source that cannot be opened; the message names the interface and the cause."""
 
 
 class _SockFilter(ctypes.Structure):
@@ -291,8 +288,16 @@ class AfPacketSource:
                 if events & select.POLLERR:  # ENETDOWN: the interface went down; it may come back
                     self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     self.interface_errors += 1
+                    self._check_exists()
                     time.sleep(min(left, 0.05))
         return True
+
+    def _check_exists(self) -> None:
+        """A deleted interface never comes back under this index: say so rather than wait forever."""
+        try:
+            socket.if_indextoname(self.ifindex)
+        except OSError:
+            raise SourceError(f"{self.name}: the interface is gone (deleted)") from None
 
     def _release(self) -> None:
         """Give the blocks of the last batch back to the kernel.

@@ -213,7 +213,8 @@ def run(settings: CaptureSettings, endpoints: CaptureEndpoints, source=None) -> 
             except OSError as exc:  # the interface went away, the socket failed: say so, drain
                 if os.environ.get("FLOWMETER_DEBUG"):
                     traceback.print_exc()
-                cap.errors.append(f"{source.name}: {exc.strerror or exc}")
+                message = exc.strerror or str(exc)
+                cap.errors.append(message if message.startswith(source.name) else f"{source.name}: {message}")
             finally:
                 cap.counters.source_counters = source.counters()
                 source.close()

@@ -120,7 +120,8 @@ def _pipeline(p, files: tuple[str, ...], workers: Optional[int], what: str, capt
         _fail(f"{what}: --captures {captures} needs at least {captures} capture files, got {len(files)}")
     sup = Supervisor(p, files, workers, captures=captures, data_plane_nice=nice, live=live)
     code = sup.run()
-    typer.echo(sup.summary(), err=True)
+    if sup.children:  # else nothing started: the error below says why
+        typer.echo(sup.summary(), err=True)
     for e in sup.errors:
         typer.echo(f"flowmeter: {e}", err=True)
     if stats is not None:

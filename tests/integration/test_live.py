@@ -498,3 +498,28 @@ def test_feed_frames_with_verdicts_while_hostile_messages_are_dropped(lab, tmp_p
     assert len(dropped) == 1 and int(dropped[0]["packetDeltaCount"]) == 4
     assert int(dropped[0]["octetDeltaCount"]) == 480 and int(dropped[0]["forwardingStatus"]) == 130
     assert "source dropped messages" in log or "dropped messages" in log, log
+
+
+def test_interface_deleted_while_metering_drains_and_says_so(lab, tmp_path):
+    ns, a, b = lab
+    ipfix = tmp_path / "out.ipfix"
+    run = Run(a, tmp_path, 1, Sources=["afpacket:va"], IpFixCollectors=[f"File/{ipfix}"])
+    ns.run(a, "ping", "-c", "2", "-i", "0.05", B4)
+    time.sleep(0.2)
+    ns.run(a, "ip", "link", "del", "va")
+    run.proc.wait(30)
+    run._reader.join(5)
+    log = "".join(run.lines)
+    assert run.proc.returncode == 1, log
+    assert "flowmeter: afpacket:va: the interface is gone (deleted)" in log
+    echo = [r for r in ipfixdump_records(ipfix) if r.get("sourceIPv4Address") == A4 and "packetDeltaCount" in r]
+    assert len(echo) == 1 and int(echo[0]["packetDeltaCount"]) == 2, log  # what was metered is exported
+
+
+def test_unknown_interface_is_one_clear_line(lab, tmp_path):
+    ns, a, b = lab
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps({"FlowMetadata": {"Sources": ["afpacket:nosuch0"]}}))
+    r = ns.run(a, sys.executable, "-m", "flowmeter.cli", "run", "--profile", str(profile), check=False, cwd=ROOT)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == ["flowmeter: afpacket:nosuch0: no interface 'nosuch0' (in this network namespace)"]
