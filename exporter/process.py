@@ -163,6 +163,12 @@ def run(settings: ExportSettings, endpoint: str, producers: int | None = None,
     last_send = last_report = last_batch = time.monotonic()
     reported: dict[str, int] = {}
     stopping = False
+    if control is not None:  # under a supervisor
+        from flowmeter.supervisor import ParentWatch
+
+        parent = ParentWatch()
+    else:
+        parent = None
 
     def receive_waiting(now: float, limit: int | None) -> None:
         n = 0
@@ -190,6 +196,8 @@ def run(settings: ExportSettings, endpoint: str, producers: int | None = None,
                 else:
                     stopping = True
             if stop_event is not None and stop_event.is_set():
+                stopping = True
+            if parent is not None and parent.expired(time.monotonic()):
                 stopping = True
             if producers is not None and len(exporter.stats.producers_done) >= producers:
                 stopping = True

@@ -36,6 +36,7 @@ from .shard import Router
 BATCH_PACKETS = 65536
 PROGRESS_S = 0.5
 SEND_HWM = 64  # batches queued per worker before the capture waits for it
+LINGER_MS = 60_000  # at exit, queued batches wait this long for their worker (one that died never reads)
 LIVE_WAIT_S = 0.1  # a live source is polled this long at most between checks for a stop
 LIVE_LAST_S = 0.05  # after a stop, what reaches the source this soon is still read (a ring's last block)
 OWN_EXPORT = "own export"  # not-metered cause: UDP to a collector (see ``CaptureSettings.exclude``)
@@ -191,7 +192,7 @@ def run(settings: CaptureSettings, endpoints: CaptureEndpoints, source=None) -> 
     for ep in endpoints.workers:
         sock = ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, SEND_HWM)
-        sock.setsockopt(zmq.LINGER, -1)  # every batch reaches its worker
+        sock.setsockopt(zmq.LINGER, LINGER_MS)  # every batch reaches a live worker
         sock.connect(ep)
         pushes.append(sock)
     control = ctx.socket(zmq.PUSH)

@@ -66,12 +66,54 @@ def _set_process_name(name: str) -> None:
         pass
 
 
-def _child_main(name: str, target: Callable, args: tuple, nice: int = 0, foreign: tuple = ()) -> None:
+PR_SET_PDEATHSIG = 1
+ORPHAN_GRACE_S = STOP_DEADLINE_S  # a worker or exporter without supervisor waits this long for its producers
+
+
+class ParentWatch:
+    """Whether this child's supervisor is gone, and for how long (its parent changed: reparented).
+
+    A worker or the exporter whose supervisor died keeps going until its
+    producers end (the captures drain: they get SIGTERM when it dies), but
+    no longer than ``ORPHAN_GRACE_S``: a pipeline never outlives its
+    supervisor for good.
+    """
+
+    def __init__(self) -> None:
+        self.parent = os.getppid()
+        self.since = 0.0
+
+    def expired(self, now: float) -> bool:
+        if os.getppid() == self.parent:
+            return False
+        self.since = self.since or now
+        return now - self.since >= ORPHAN_GRACE_S
+
+
+def _end_with_parent(role: str) -> None:
+    """A capture gets SIGTERM when the supervisor dies (killed, say): it drains as on a stop, and
+    the workers and exporter after it end by themselves (``ParentWatch``)."""
+    if role != "capture":
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the supervisor died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _child_main(name: str, target: Callable, args: tuple, nice: int = 0, foreign: tuple = (),
+                role: str = "") -> None:
     """Entry of every child: its name, priority, fresh signal state, one line and a reserved code on a crash.
 
     ``foreign`` are the live sources other processes read: this child's copies are closed.
     """
     _set_process_name(name)
+    _end_with_parent(role)
     for source in foreign:
         source.close()
     if nice:
@@ -354,7 +396,8 @@ class Supervisor:
         def start(name: str, role: str, target: Callable, args: tuple, own=None) -> None:
             nice = self.data_plane_nice if role in ("capture", "worker") else 0
             foreign = tuple(s for s in sources if s is not own)
-            proc = mp.Process(target=_child_main, args=(name, target, args, nice, foreign), name=f"flowmeter-{name}")
+            proc = mp.Process(target=_child_main, args=(name, target, args, nice, foreign, role),
+                              name=f"flowmeter-{name}")
             proc.start()
             self.children.append(ChildInfo(name, role, proc))
 

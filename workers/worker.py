@@ -32,6 +32,7 @@ REASON_NAMES = {END_IDLE: "idle", END_ACTIVE: "active", END_OF_FLOW: "end_of_flo
 POLL_MS = 100
 DRAIN_QUIET_MS = 100
 PROGRESS_S = 0.5
+LINGER_MS = 60_000  # at exit, queued records wait this long for the exporter (one that died never reads)
 SEND_HWM = 10_000  # record batches queued for the exporter before sends wait
 
 
@@ -148,7 +149,7 @@ def run(settings: WorkerSettings, endpoints: WorkerEndpoints) -> int:
     pull.bind(endpoints.packets)
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, SEND_HWM)
-    push.setsockopt(zmq.LINGER, -1)  # every record reaches the exporter
+    push.setsockopt(zmq.LINGER, LINGER_MS)  # every record reaches a live exporter
     push.connect(endpoints.records)
     control = ctx.socket(zmq.PUSH)
     control.setsockopt(zmq.LINGER, 2000)
@@ -166,11 +167,16 @@ def run(settings: WorkerSettings, endpoints: WorkerEndpoints) -> int:
                 return
             worker.handle(frames)
 
+    from flowmeter.supervisor import ParentWatch
+
+    parent = ParentWatch()
     try:
         while not stopping and len(worker.producers_done) < settings.producers:
             if poller.poll(POLL_MS):
                 receive_waiting()
             now = time.monotonic()
+            if parent.expired(now):
+                stopping.append(signal.SIGTERM)
             if settings.live:
                 worker.tick(time.time_ns())
             if now - last_progress >= PROGRESS_S:

@@ -32,6 +32,19 @@ TCP_LENGTH = 200_000
 PINGS, PING_PAYLOAD = 4, 100
 
 
+_RUNS: list[subprocess.Popen] = []  # every flowmeter started; none outlives its test
+
+
+@pytest.fixture(autouse=True)
+def no_run_left_behind():
+    yield
+    while _RUNS:
+        proc = _RUNS.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole pipeline: its own session
+            proc.wait(10)
+
+
 @pytest.fixture
 def lab():
     why = available()
@@ -51,7 +64,8 @@ class Run:
         self.lines: list[str] = []
         with entered(ns):
             self.proc = subprocess.Popen([sys.executable, "-m", "flowmeter.cli", "run", "--profile", str(self.profile)],
-                                         cwd=ROOT, env={**os.environ, "FLOWMETER_DEBUG": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                         cwd=ROOT, env={**os.environ, "FLOWMETER_DEBUG": "1"}, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        _RUNS.append(self.proc)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         deadline = time.monotonic() + 60
@@ -523,3 +537,15 @@ def test_unknown_interface_is_one_clear_line(lab, tmp_path):
     r = ns.run(a, sys.executable, "-m", "flowmeter.cli", "run", "--profile", str(profile), check=False, cwd=ROOT)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == ["flowmeter: afpacket:nosuch0: no interface 'nosuch0' (in this network namespace)"]
+
+
+def test_no_pipeline_outlives_a_killed_supervisor(lab, tmp_path):
+    import psutil
+
+    ns, a, b = lab
+    run = Run(a, tmp_path, 1, Sources=["afpacket:va"])
+    children = psutil.Process(run.proc.pid).children(recursive=True)
+    assert len(children) == 3
+    run.proc.kill()  # SIGKILL: no drain from the supervisor
+    gone, alive = psutil.wait_procs(children, timeout=20)  # the capture drains, the rest follow it
+    assert not alive, [p.cmdline() for p in alive]
