@@ -549,3 +549,38 @@ def test_no_pipeline_outlives_a_killed_supervisor(lab, tmp_path):
     run.proc.kill()  # SIGKILL: no drain from the supervisor
     gone, alive = psutil.wait_procs(children, timeout=20)  # the capture drains, the rest follow it
     assert not alive, [p.cmdline() for p in alive]
+
+
+def test_vlan_tagged_frames(lab, tmp_path):
+    """802.1Q and 802.1ad tagged frames sent from the other end (this kernel has no VLAN devices)."""
+    from flowmeter.pcapwrite import ethernet, ipv4, ipv6, udp
+
+    ns, a, b = lab
+    mac = bytes.fromhex(ns.run(a, "cat", "/sys/class/net/va/address").stdout.strip().replace(":", ""))
+    with entered(a):
+        nf = Nfcapd(tmp_path / "nfcapd")
+    try:
+        run = Run(a, tmp_path, 1, Sources=["afpacket:va"], IpFixCollectors=[nf.collector])
+        with entered(b):
+            raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+            raw.bind(("vb", 0))
+        with raw:
+            for size in (100, 200, 300):
+                for vlans, ethertype, packet in (
+                        ([100], 0x0800, ipv4("10.20.0.2", "10.20.0.1", 17, udp(5000, 6000, b"v" * size))),
+                        ([(0x88A8, 200), 300], 0x86DD, ipv6("fd20::2", "fd20::1", 17, udp(5000, 6000, b"v" * size)))):
+                    frame = ethernet(packet, ethertype, vlans=vlans)
+                    raw.send(mac + frame[6:])  # to va's address
+        time.sleep(0.3)
+        run.stop()
+        with entered(a):
+            rows = nf.records()
+    finally:
+        with entered(a):
+            nf.stop()
+    packets, octets, direction = exported(rows)
+    assert (packets[("10.20.0.2", "10.20.0.1", 17, 5000, 6000)], octets[("10.20.0.2", "10.20.0.1", 17, 5000, 6000)]) \
+        == (3, 600 + 3 * 28)
+    assert (packets[("fd20::2", "fd20::1", 17, 5000, 6000)], octets[("fd20::2", "fd20::1", 17, 5000, 6000)]) \
+        == (3, 600 + 3 * 48)
+    assert direction[("10.20.0.2", "10.20.0.1", 17, 5000, 6000)] == {0}
