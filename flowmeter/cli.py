@@ -126,7 +126,8 @@ def _pipeline(p, files: tuple[str, ...], workers: Optional[int], what: str, capt
         typer.echo(f"flowmeter: {e}", err=True)
     if stats is not None:
         try:
-            stats.write_text(json.dumps({"wall_s": round(sup.elapsed, 3), "exit": code, **sup.totals()}, indent=1))
+            stats.write_text(json.dumps({"wall_s": round(sup.elapsed, 3), "exit": code, **sup.totals(),
+                                         "ended_s": {c.name: c.ended_s for c in sup.children}}, indent=1))
         except OSError as exc:
             _fail(f"--stats {stats}: cannot write: {exc.strerror or exc}")
     raise typer.Exit(code)

@@ -53,6 +53,7 @@ class ChildInfo:
     process: multiprocessing.Process
     stats: dict = field(default_factory=dict)
     error: str = ""
+    ended_s: float = 0.0  # when it exited, seconds after the pipeline started
 
 
 def _set_process_name(name: str) -> None:
@@ -456,6 +457,7 @@ class Supervisor:
                 for c in self.children:
                     if c.process.sentinel in events and c.process.exitcode is not None:
                         poller.unregister(c.process.sentinel)
+                        c.ended_s = round(time.monotonic() - self.started, 3)
                 self._show_progress()
                 self._log_sources()
                 self._write_status(rundir)
