@@ -60,7 +60,9 @@ SOL_PACKET = 263
 SO_ATTACH_FILTER = 26
 PACKET_RX_RING, PACKET_STATISTICS, PACKET_VERSION, PACKET_FANOUT = 5, 6, 10, 18
 TPACKET_V3 = 2
-PACKET_FANOUT_HASH, PACKET_FANOUT_FLAG_DEFRAG = 0, 0x8000
+PACKET_FANOUT_HASH = 0
+PACKET_FANOUT_FLAG_UNIQUEID = 0x2000  # the kernel picks a group id no one else uses
+NEW_GROUP = -1  # ``fanout_group``: start a group of our own (``self.fanout_group`` is then its id)
 TP_STATUS_KERNEL, TP_STATUS_USER = 0, 1
 PACKET_OUTGOING = 4
 TPACKET3_HDRLEN = 48 + 20  # TPACKET_ALIGN(sizeof(tpacket3_hdr)) + sizeof(sockaddr_ll)
@@ -177,9 +179,11 @@ class AfPacketSource:
 
     ``fanout_group``: join this PACKET_FANOUT group (symmetric hash of the
     flow), so that several processes share the interface's frames and each
-    conversation, both directions, stays with one of them. The kernel
-    reassembles IPv4 fragments before hashing and hands over the whole
-    datagram: one record where the wire carried several fragments.
+    conversation, both directions, stays with one of them. Fragments are
+    left as they are (no PACKET_FANOUT_FLAG_DEFRAG: it would hand over one
+    reassembled datagram where the wire carried several packets); a later
+    fragment may reach another process than the first, which does not
+    matter: the shard workers group packets by flowmeter's own hash.
     ``bpf_filter``: a tcpdump expression; only matching frames are read.
     """
 
@@ -194,7 +198,7 @@ class AfPacketSource:
         if not 0 < block_size < 1 << 31 or block_size % mmap.PAGESIZE or not 0 < blocks < 1 << 31:
             raise SourceError(f"{self.name}: ring of {blocks} blocks of {block_size} octets: "
                               f"blocks must be a multiple of the page size ({mmap.PAGESIZE}), both below 2**31")
-        if fanout_group is not None and not 0 <= fanout_group <= 0xFFFF:
+        if fanout_group is not None and fanout_group != NEW_GROUP and not 0 <= fanout_group <= 0xFFFF:
             raise SourceError(f"{self.name}: fanout group {fanout_group} is not 0 to 65535")
         self.block_size, self.blocks = block_size, blocks
         self.block_timeout_ms = block_timeout_ms  # a frame is readable at most this long after it came
@@ -260,8 +264,13 @@ class AfPacketSource:
         sock.bind((self.iface, ETH_P_ALL))
         if fanout_group is not None:
             self._stage = f"joining fanout group {fanout_group}"
-            mode = PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG
-            sock.setsockopt(SOL_PACKET, PACKET_FANOUT, struct.pack("I", fanout_group | (mode << 16)))
+            if fanout_group == NEW_GROUP:
+                mode = PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_UNIQUEID
+                sock.setsockopt(SOL_PACKET, PACKET_FANOUT, struct.pack("I", mode << 16))
+                fanout_group = struct.unpack("I", sock.getsockopt(SOL_PACKET, PACKET_FANOUT, 4))[0] & 0xFFFF
+            else:
+                sock.setsockopt(SOL_PACKET, PACKET_FANOUT, struct.pack("I", fanout_group | (PACKET_FANOUT_HASH << 16)))
+        self.fanout_group = fanout_group
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN | select.POLLERR)
 

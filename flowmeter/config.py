@@ -201,6 +201,18 @@ def _sources(items: list[Any]) -> tuple[SourceSpec, ...]:
     return tuple(out)
 
 
+def _capture_filter(expression: str) -> str:
+    """Compiled once here by tcpdump, so that a typo is said at load, not when the capture opens."""
+    if expression.strip():
+        from .afpacket import LINKTYPE_ETHERNET, compile_filter
+
+        try:
+            compile_filter(expression, LINKTYPE_ETHERNET, 256)
+        except OSError as exc:
+            raise _Rejected(str(exc)) from None
+    return expression
+
+
 def _user(name: str) -> str:
     if name:
         try:
@@ -324,7 +336,7 @@ SETTINGS: tuple[Setting, ...] = (
             _within(96, 65535)),
     Setting("CaptureFilter", "capture_filter", str, "", "a tcpdump filter expression",
             "afpacket sources meter only frames this expression matches (compiled by tcpdump); "
-            "empty = every frame"),
+            "empty = every frame", _capture_filter),
     Setting("MeterExport", "meter_export", bool, False, "true or false",
             "meter UDP datagrams to the collectors' addresses and ports (flowmeter's own export); "
             "false keeps a capture of the export interface from metering itself"),
@@ -421,6 +433,8 @@ class Profile:
 
 
 def _human(value: Any) -> str:
+    if value == "":
+        return "none"
     if isinstance(value, list):
         return ", ".join(value) if value else "none"
     return value if isinstance(value, str) else json.dumps(value)

@@ -316,16 +316,20 @@ class Supervisor:
     def _open_live(self) -> list[tuple]:
         """(spec, source) per live capture process; sources that need root are opened now, before
         any child is forked and before root is given up; a feed is opened by its own process."""
+        from .afpacket import NEW_GROUP
         from .sources import OPENED_BEFORE_FORK, open_source
 
         opened: list[tuple] = []
         try:
-            for n, spec in enumerate(self.live):
+            for spec in self.live:
                 if spec.kind == "afpacket":
-                    # one fanout group per interface and run: the members are this run's processes only
-                    group = ((os.getpid() & 0xFFF) << 4 | n) & 0xFFFF
+                    # Fanout: a group of this run's processes only; the kernel picks an id no other
+                    # program uses, the next members join it
+                    group = NEW_GROUP if self.profile.fanout > 1 else None
                     for _ in range(self.profile.fanout):
-                        opened.append((spec, open_source(spec, self.profile, fanout_group=group)))
+                        source = open_source(spec, self.profile, fanout_group=group)
+                        opened.append((spec, source))
+                        group = source.fanout_group
                 elif spec.kind in OPENED_BEFORE_FORK:
                     opened.append((spec, open_source(spec, self.profile)))
                 else:

@@ -584,3 +584,23 @@ def test_vlan_tagged_frames(lab, tmp_path):
     assert (packets[("fd20::2", "fd20::1", 17, 5000, 6000)], octets[("fd20::2", "fd20::1", 17, 5000, 6000)]) \
         == (3, 600 + 3 * 48)
     assert direction[("10.20.0.2", "10.20.0.1", 17, 5000, 6000)] == {0}
+
+
+def test_capture_filter_meters_only_what_it_matches(lab, tmp_path):
+    ns, a, b = lab
+    with entered(a):
+        nf = Nfcapd(tmp_path / "nfcapd")
+    try:
+        run = Run(a, tmp_path, 1, Sources=["afpacket:va"], IpFixCollectors=[nf.collector],
+                  CaptureFilter="udp and dst port 7000")
+        known = send_traffic(ns, a, b)
+        run.stop()
+        with entered(a):
+            rows = nf.records()
+    finally:
+        with entered(a):
+            nf.stop()
+    packets, octets, _ = exported(rows)
+    udp = {k: v for k, v in known.items() if k[2] == 17}
+    assert set(packets) == set(udp)
+    assert {k: (packets[k], octets[k]) for k in packets} == udp
