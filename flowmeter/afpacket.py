@@ -61,6 +61,10 @@ SO_ATTACH_FILTER = 26
 PACKET_RX_RING, PACKET_STATISTICS, PACKET_VERSION, PACKET_FANOUT = 5, 6, 10, 18
 TPACKET_V3 = 2
 PACKET_FANOUT_HASH = 0
+# A block goes to the reader when full or this long after its first frame. Flow records do not
+# need the frames sooner, and at a low rate every block holds a few frames only: with 64 blocks,
+# 100 ms lets the reader stall (a busy CPU, a compile) 6 s before the kernel drops anything.
+BLOCK_TIMEOUT_MS = 100
 PACKET_FANOUT_FLAG_UNIQUEID = 0x2000  # the kernel picks a group id no one else uses
 NEW_GROUP = -1  # ``fanout_group``: start a group of our own (``self.fanout_group`` is then its id)
 TP_STATUS_KERNEL, TP_STATUS_USER = 0, 1
@@ -188,7 +192,7 @@ class AfPacketSource:
     """
 
     def __init__(self, iface: str, *, fanout_group: int | None = None, snaplen: int = 256,
-                 block_size: int = 1 << 20, blocks: int = 64, block_timeout_ms: int = 10,
+                 block_size: int = 1 << 20, blocks: int = 64, block_timeout_ms: int = BLOCK_TIMEOUT_MS,
                  bpf_filter: str | None = None):
         self.name = f"afpacket:{iface}"
         self.iface = iface

@@ -38,7 +38,7 @@ PROGRESS_S = 0.5
 SEND_HWM = 64  # batches queued per worker before the capture waits for it
 LINGER_MS = 60_000  # at exit, queued batches wait this long for their worker (one that died never reads)
 LIVE_WAIT_S = 0.1  # a live source is polled this long at most between checks for a stop
-LIVE_LAST_S = 0.05  # after a stop, what reaches the source this soon is still read (a ring's last block)
+LIVE_LAST_S = 0.25  # after a stop, what reaches the source this soon is still read (a ring's last block)
 OWN_EXPORT = "own export"  # not-metered cause: UDP to a collector (see ``CaptureSettings.exclude``)
 
 

@@ -46,6 +46,15 @@ TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
 # --- helpers ---------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def kernels_loaded():
+    """Compiled (the first time on a machine: a minute) before any test's traffic and deadlines."""
+    from flowmeter import afpacket, decode
+
+    afpacket.warm_up()
+    decode.warm_up()
+
+
 @pytest.fixture
 def ns():
     why = netns.available()

@@ -47,6 +47,15 @@ NOW_NS = 1_234_567_890_123_456_789
 NATIVE = "<" if sys.byteorder == "little" else ">"
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels_loaded():
+    """Compiled (the first time on a machine: a minute) before any test's traffic and deadlines."""
+    from flowmeter import decode, nflog
+
+    nflog.warm_up()
+    decode.warm_up()
+
 @pytest.fixture(scope="module")
 def namespace(tmp_path_factory):
     why_not = available()

@@ -38,6 +38,9 @@ def test_replay_after_warm_up_needs_no_other_kernel_version(tmp_path):
     cap = Capture(CaptureSettings(index=0, files=(str(path),), local_networks=("10.0.0.0/8",)), 2,
                   lambda w, frames: sent.append((w, frames)))
     cap.meter_file(str(path))
+    one = tmp_path / "one.pcap"  # a batch of one row: its columns are another array type
+    write_pcap(one, [(1_700_000_001_000_000_000, frames[0])])
+    cap.meter_file(str(one))
     out = []
     for w in range(2):
         worker = Worker(WorkerSettings(index=w, max_flows=1000, idle_timeout_ns=10**9, interval_ns=0, domain=1,
@@ -46,7 +49,7 @@ def test_replay_after_warm_up_needs_no_other_kernel_version(tmp_path):
             if to == w:
                 worker.handle([message[0], bytearray(np.ascontiguousarray(message[1]).tobytes())])  # as a zmq frame: writable
         worker.finish()
-    assert cap.counters.packets == 100 and out
+    assert cap.counters.packets == 101 and out
     after = _versions()
     assert after == before, {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
     assert np.all(np.array(list(before.values())) >= 0)

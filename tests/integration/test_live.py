@@ -68,7 +68,7 @@ class Run:
         _RUNS.append(self.proc)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # the first run on a machine compiles the kernels
         while sum(" open" in line for line in self.lines) < opened:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.proc.kill()
