@@ -279,7 +279,11 @@ class Nfacctd:
         self._fh = open(directory / "nfacctd.stdout", "w")
         self.proc = subprocess.Popen(["nfacctd", "-f", str(conf)], stdout=self._fh, stderr=subprocess.STDOUT,
                                      env=UTC_ENV)
-        _wait_bound(self.port, self.proc, "nfacctd", directory / "nfacctd.stdout")
+        try:
+            _wait_bound(self.port, self.proc, "nfacctd", directory / "nfacctd.stdout")
+        except RuntimeError as exc:  # nfacctd says why in its log file, not on stdout
+            log = self.log.read_text()[-2000:] if self.log.exists() else "(no log file)"
+            raise RuntimeError(f"{exc}\nnfacctd.log: {log}") from None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
