@@ -149,6 +149,7 @@ class Session:
         self.queued_octets = 0
         self.bucket: TokenBucket | None = None
         self._peer_full = False  # the local collector's receive queue had no room at the last look
+        self._peer_paced = False  # the last allowance came from that queue, not from the tokens
         self.set_pace(rate, burst)
 
     def set_pace(self, rate: float, burst: int) -> None:
@@ -166,29 +167,32 @@ class Session:
     def allowance(self) -> float:
         """How many messages may leave now (infinite when not paced).
 
-        Paced: the tokens, and for a collector on this host also the room in
-        its socket's receive queue (``transport.LocalPeerQueue``).
+        Paced: for a collector on this host, the room in its socket's receive
+        queue (``transport.LocalPeerQueue``), which says exactly what it can
+        take: no rate needs guessing. For any other collector, or when that
+        queue cannot be read, the tokens.
         """
         if self.bucket is None:
             return math.inf
-        tokens = self.bucket.tokens()
         peer = getattr(self.transport, "peer", None)
-        if peer is not None and tokens >= 1:
+        if peer is not None:
             room = peer.room(self.queue[0].out.size if self.queue else 1500, time.monotonic())
-            if room is not None and room < tokens:
-                self._peer_full = room < 1
+            if room is not None:
+                self._peer_paced, self._peer_full = True, room < 1
                 return room
-        self._peer_full = False
-        return tokens
+        self._peer_paced = self._peer_full = False
+        return self.bucket.tokens()
 
     def send_wait(self) -> float | None:
-        """Seconds until the queue can go on (a burst's worth of tokens); None = nothing queued."""
+        """Seconds until the queue can go on (a burst's worth of tokens, or room at a local
+        collector); None = nothing queued."""
         if not self.queue:
             return None
         if self.bucket is None:
             return 0.0
-        wait = self.bucket.wait(self.queued)
-        return max(wait, PEER_POLL_S) if self._peer_full else wait
+        if self._peer_paced:
+            return PEER_POLL_S if self._peer_full else 0.0
+        return self.bucket.wait(self.queued)
 
     def enqueue(self, out: Outgoing) -> None:
         self.queue.append(Queued(out))

@@ -319,8 +319,8 @@ SETTINGS: tuple[Setting, ...] = (
             _within(0, UINT32_MAX)),
     Setting("ExportRate", "export_rate", int, EXPORT_RATE,
             f"a whole number of messages per second from 0 to {MAX_EXPORT_RATE}",
-            "IPFIX messages per second to each UDP collector, with a short burst allowed; "
-            "0 = unlimited", _within(0, MAX_EXPORT_RATE)),
+            "IPFIX messages per second to each UDP collector on another host, with a short burst "
+            "allowed (one on this host is paced by its receive queue); 0 = unlimited", _within(0, MAX_EXPORT_RATE)),
     Setting("ExportSocketBuffer", "export_socket_buffer", int, SEND_BUFFER,
             f"a whole number of octets from {MIN_SOCKET_BUFFER} to {MAX_SOCKET_BUFFER}",
             "send buffer (SO_SNDBUF) of each UDP collector's socket", _within(MIN_SOCKET_BUFFER, MAX_SOCKET_BUFFER)),

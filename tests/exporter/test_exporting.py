@@ -323,6 +323,16 @@ def _assert_paced(times: list[float], start: float, rate: float, burst: int) -> 
         assert np.all(j - i + 1 <= burst + (t[j] - t[i]) * rate + 1), f"burst beyond the bucket after message {i}"
 
 
+@pytest.fixture
+def sink_elsewhere(monkeypatch):
+    """The loopback sink stands for a collector on another host: its queue is not watched, so
+    ExportRate alone paces it (a collector on this host is paced by its receive queue)."""
+    from exporter import transport
+
+    monkeypatch.setattr(transport.LocalPeerQueue, "for_address", classmethod(lambda cls, host, port: None))
+
+
+@pytest.mark.usefixtures("sink_elsewhere")
 def test_paced_export_takes_at_least_n_minus_burst_over_rate_on_the_wire():
     sink = StampedSink()
     rate, burst = 2000, 16
@@ -345,6 +355,7 @@ def test_paced_export_takes_at_least_n_minus_burst_over_rate_on_the_wire():
     assert sum(data_records(parse(m)) for _, m in got) == len(recs)
 
 
+@pytest.mark.usefixtures("sink_elsewhere")
 def test_statistics_and_template_refresh_are_paced_and_exact():
     sink = StampedSink()
     rate, burst = 1000, 8
@@ -411,6 +422,7 @@ def test_send_buffer_is_granted_and_reported():
     assert granted >= 1 << 20  # Linux reports twice the request (as root, or within net.core.wmem_max)
 
 
+@pytest.mark.usefixtures("sink_elsewhere")
 def test_a_queue_far_behind_its_pace_holds_input_back_and_a_stop_counts_it_not_sent():
     from exporter.exporting import QUEUE_SECONDS
 
