@@ -51,7 +51,7 @@ import numpy as np
 from .decode import LINKTYPE_ETHERNET, LINKTYPE_RAW
 from .jit import njit
 from .packets import DIR_EGRESS, DIR_INGRESS
-from .pcapfile import RecordBatch, _Columns, load_u16, load_u32
+from .pcapfile import RecordBatch, _Columns, load_u16, load_u32, read_only
 from .sources import SourceError
 
 # linux/if_ether.h, linux/if_packet.h, asm-generic/socket.h
@@ -358,7 +358,7 @@ class AfPacketSource:
                 first = self.frames_read
                 self.frames_read += n
                 if n:
-                    yield cols.batch(_read_only(self._ring), n, first)
+                    yield cols.batch(read_only(self._ring), n, first)
                     if self._reader is not token:  # a newer read() took over (and released)
                         return
                 self._release()
@@ -400,12 +400,3 @@ class AfPacketSource:
 
     def __repr__(self) -> str:
         return f"<AfPacketSource {self.name} ifindex {self.ifindex} linktype {getattr(self, 'linktype', '?')}>"
-
-
-def _read_only(buf: np.ndarray) -> np.ndarray:
-    """A read-only view: batches of every source then have the type of a capture file's, so the
-    decode kernel compiled before the fork serves them (a process that gave up root cannot
-    write numba's cache to compile another)."""
-    view = buf.view()
-    view.flags.writeable = False
-    return view

@@ -45,7 +45,7 @@ import numpy as np
 
 from .jit import njit
 from .packets import DIR_UNKNOWN
-from .pcapfile import RecordBatch, _Columns, load_u16, load_u32
+from .pcapfile import RecordBatch, _Columns, load_u16, load_u32, read_only
 
 NETLINK_NETFILTER = 12
 SO_RCVBUFFORCE = 33  # SO_RCVBUF beyond net.core.rmem_max, with CAP_NET_ADMIN
@@ -302,7 +302,7 @@ class NflogSource:
             if n:
                 first = self._counts["frames"]
                 self._counts["frames"] += n
-                yield self._cols.batch(_read_only(self._buf), n, first)
+                yield self._cols.batch(read_only(self._buf), n, first)
 
     def _receive(self, used: int) -> int:
         """One datagram into ``buf[used:]``; its length, or -1 when nothing is waiting."""
@@ -350,12 +350,3 @@ def warm_up() -> None:
     walk_netlink_messages(np.zeros(64, np.uint8), 0, 0, sys.byteorder == "big", 0, 0, np.zeros(n, np.uint64),
                           np.zeros(n, np.uint32), np.zeros(n, np.uint32), np.zeros(n, np.uint64),
                           np.full(1, -1, np.int64))
-
-
-def _read_only(buf: np.ndarray) -> np.ndarray:
-    """A read-only view: batches of every source then have the type of a capture file's, so the
-    decode kernel compiled before the fork serves them (a process that gave up root cannot
-    write numba's cache to compile another)."""
-    view = buf.view()
-    view.flags.writeable = False
-    return view

@@ -128,6 +128,19 @@ class RecordBatch:
         return self.buf[start:start + int(self.caplen[i])].tobytes()
 
 
+def read_only(buf: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """A read-only view of a live source's buffer for its batches.
+
+    The batches of every source then have the type of a capture file's
+    (read-only memory), so the decode kernel version loaded before the fork
+    serves them all: a process that gave up root cannot write numba's cache
+    to compile another.
+    """
+    view = buf.view()
+    view.flags.writeable = False
+    return view
+
+
 # --- kernels -------------------------------------------------------------------------
 #
 # Offsets and lengths are int64 inside the kernels: numba, like numpy, turns

@@ -9,6 +9,7 @@ tcpdump captured on the other end of the link, read by tshark.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -91,6 +92,27 @@ class Run:
         out = "".join(self.lines)
         assert self.proc.returncode == 0, out
         return out
+
+
+class NsNfcapd:
+    """nfcapd inside a namespace (its socket and its /proc/net/udp are that namespace's); stopped on exit."""
+
+    def __init__(self, ns: str, tmp: Path, **kw) -> None:
+        self.ns = ns
+        with entered(ns):
+            self.nf = Nfcapd(tmp / "nfcapd", **kw)
+        self.collector, self.port = self.nf.collector, self.nf.port
+
+    def records(self) -> list[dict]:
+        with entered(self.ns):
+            return self.nf.records()
+
+    def __enter__(self) -> NsNfcapd:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with entered(self.ns):
+            self.nf.stop()
 
 
 class Tcpdump:
@@ -209,9 +231,7 @@ def send_traffic(ns: Namespaces, a: str, b: str) -> dict:
 
 def test_afpacket_meters_exactly_what_crossed_the_link(lab, tmp_path):
     ns, a, b = lab
-    with entered(b):
-        nf = Nfcapd(tmp_path / "nfcapd", host=B4)  # across the metered link: our export crosses it too
-    try:
+    with NsNfcapd(b, tmp_path, host=B4) as nf:  # across the metered link: our export crosses it too
         dump = Tcpdump(ns, b, "vb", tmp_path / "truth.pcap")
         run = Run(a, tmp_path, 1, Sources=["afpacket:va"], IpFixCollectors=[nf.collector], Workers=2)
         known = send_traffic(ns, a, b)
@@ -220,11 +240,7 @@ def test_afpacket_meters_exactly_what_crossed_the_link(lab, tmp_path):
         status = subprocess.run([sys.executable, "-m", "flowmeter.cli", "status"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=60)
         log = run.stop()
-        with entered(b):
-            rows = nf.records()
-    finally:
-        with entered(b):
-            nf.stop()
+        rows = nf.records()
     packets, octets, direction = exported(rows)
     want_packets, want_octets = truth(dump.path)
     # the flows sent: as many packets and octets as sent, as tcpdump saw, and the right direction
@@ -260,17 +276,11 @@ def _src_port_of_export(packets: Counter, port: int) -> int:
 @pytest.mark.parametrize("direction,keep", [("SendingToPeer", {1}), ("ReceivedFromPeer", {0})])
 def test_direction_setting_exports_only_its_half(lab, tmp_path, direction, keep):
     ns, a, b = lab
-    with entered(a):
-        nf = Nfcapd(tmp_path / "nfcapd")
-    try:
+    with NsNfcapd(a, tmp_path) as nf:
         run = Run(a, tmp_path, 1, Sources=["afpacket:va"], IpFixCollectors=[nf.collector], Direction=direction)
         known = send_traffic(ns, a, b)
         log = run.stop()
-        with entered(a):
-            rows = nf.records()
-    finally:
-        with entered(a):
-            nf.stop()
+        rows = nf.records()
     packets, octets, direction_of = exported(rows)
     for key, (n, length) in known.items():
         mine = (key[0] in (A4, A6)) == (keep == {1})
@@ -307,9 +317,8 @@ def test_tun_interface_raw_ip_both_directions(tmp_path):
     with Namespaces() as ns:
         a = ns.add("t")
         fd = open_tun(ns, a, "tun9")
-        with entered(a):
-            nf = Nfcapd(tmp_path / "nfcapd")
-        try:
+        with contextlib.ExitStack() as cleanup, NsNfcapd(a, tmp_path) as nf:
+            cleanup.callback(os.close, fd)
             run = Run(a, tmp_path, 1, Sources=["afpacket:tun9"], IpFixCollectors=[nf.collector],
                       LocalNetworks=["10.8.0.1/32"])
             sizes = (20, 300, 1200)
@@ -332,12 +341,7 @@ def test_tun_interface_raw_ip_both_directions(tmp_path):
                 os.write(fd, ipv6(P6, T6, 17, udp(7300, 7301, b"i" * size)))
             time.sleep(0.3)
             log = run.stop()
-            with entered(a):
-                rows = nf.records()
-        finally:
-            os.close(fd)
-            with entered(a):
-                nf.stop()
+            rows = nf.records()
     packets, octets, direction = exported(rows)
     sport4, sport6 = seen_out[0][20:22], seen_out[1][40:42]
     out_keys = [(T4, P4, 17, int.from_bytes(sport4, "big"), 7200), (T6, P6, 17, int.from_bytes(sport6, "big"), 7200)]
@@ -400,9 +404,7 @@ def test_nflog_drops_arrive_as_dropped_flows(lab, tmp_path, direction):
 
 def test_fanout_two_captures_count_every_packet_once(lab, tmp_path):
     ns, a, b = lab
-    with entered(a):
-        nf = Nfcapd(tmp_path / "nfcapd")
-    try:
+    with NsNfcapd(a, tmp_path) as nf:
         dump = Tcpdump(ns, b, "vb", tmp_path / "truth.pcap")
         run = Run(a, tmp_path, 2, Sources=["afpacket:va"], IpFixCollectors=[nf.collector], Fanout=2, Workers=2)
         with entered(b):
@@ -420,11 +422,7 @@ def test_fanout_two_captures_count_every_packet_once(lab, tmp_path):
         for s in rx:
             s.close()
         log = run.stop()
-        with entered(a):
-            rows = nf.records()
-    finally:
-        with entered(a):
-            nf.stop()
+        rows = nf.records()
     packets, octets, _ = exported(rows)
     want_packets, want_octets = truth(dump.path)
     ours = [k for k in want_packets if k[2] == 17 and 8000 <= k[4] < 8020]
@@ -447,9 +445,7 @@ def test_runs_as_the_configured_user_after_opening_the_ring(lab, tmp_path):
 
     ns, a, b = lab
     nobody = pwd.getpwnam("nobody")
-    with entered(a):
-        nf = Nfcapd(tmp_path / "nfcapd")
-    try:
+    with NsNfcapd(a, tmp_path) as nf:
         run = Run(a, tmp_path, 1, Sources=["afpacket:va"], IpFixCollectors=[nf.collector], User="nobody")
         parent = psutil.Process(run.proc.pid)
         procs = [parent, *parent.children(recursive=True)]
@@ -466,11 +462,7 @@ def test_runs_as_the_configured_user_after_opening_the_ring(lab, tmp_path):
         ns.run(a, "ping", "-c", "3", "-i", "0.05", B4)
         time.sleep(0.2)
         run.stop()
-        with entered(a):
-            rows = nf.records()
-    finally:
-        with entered(a):
-            nf.stop()
+        rows = nf.records()
     packets, _, _ = exported(rows)
     assert packets[(A4, B4, 1, 0, 8)] == 3 and packets[(B4, A4, 1, 0, 0)] == 3
 
@@ -557,9 +549,7 @@ def test_vlan_tagged_frames(lab, tmp_path):
 
     ns, a, b = lab
     mac = bytes.fromhex(ns.run(a, "cat", "/sys/class/net/va/address").stdout.strip().replace(":", ""))
-    with entered(a):
-        nf = Nfcapd(tmp_path / "nfcapd")
-    try:
+    with NsNfcapd(a, tmp_path) as nf:
         run = Run(a, tmp_path, 1, Sources=["afpacket:va"], IpFixCollectors=[nf.collector])
         with entered(b):
             raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
@@ -573,11 +563,7 @@ def test_vlan_tagged_frames(lab, tmp_path):
                     raw.send(mac + frame[6:])  # to va's address
         time.sleep(0.3)
         run.stop()
-        with entered(a):
-            rows = nf.records()
-    finally:
-        with entered(a):
-            nf.stop()
+        rows = nf.records()
     packets, octets, direction = exported(rows)
     assert (packets[("10.20.0.2", "10.20.0.1", 17, 5000, 6000)], octets[("10.20.0.2", "10.20.0.1", 17, 5000, 6000)]) \
         == (3, 600 + 3 * 28)
@@ -588,18 +574,12 @@ def test_vlan_tagged_frames(lab, tmp_path):
 
 def test_capture_filter_meters_only_what_it_matches(lab, tmp_path):
     ns, a, b = lab
-    with entered(a):
-        nf = Nfcapd(tmp_path / "nfcapd")
-    try:
+    with NsNfcapd(a, tmp_path) as nf:
         run = Run(a, tmp_path, 1, Sources=["afpacket:va"], IpFixCollectors=[nf.collector],
                   CaptureFilter="udp and dst port 7000")
         known = send_traffic(ns, a, b)
         run.stop()
-        with entered(a):
-            rows = nf.records()
-    finally:
-        with entered(a):
-            nf.stop()
+        rows = nf.records()
     packets, octets, _ = exported(rows)
     udp = {k: v for k, v in known.items() if k[2] == 17}
     assert set(packets) == set(udp)
