@@ -40,6 +40,7 @@ LINGER_MS = 60_000  # at exit, queued batches wait this long for their worker (o
 LIVE_WAIT_S = 0.1  # a live source is polled this long at most between checks for a stop
 LIVE_LAST_S = 0.25  # after a stop, what reaches the source this soon is still read (a ring's last block)
 OWN_EXPORT = "own export"  # not-metered cause: UDP to a collector (see ``CaptureSettings.exclude``)
+LEFT_OUT = 255  # decode status given to a row left out after decoding (the routing sends only status 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +165,7 @@ class Capture:
                         & (rows["dst_hi"] == hi) & (rows["ip_version"] == version))
             own &= status == ST_OK
             if own.any():
-                status[own] = 255
+                status[own] = LEFT_OUT
                 self.counters.count(OWN_EXPORT, int(own.sum()))
         parts, kept, octets, other, newest = self.router.route(rows, status)
         self.clock_ns = max(self.clock_ns, newest)
