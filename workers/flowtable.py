@@ -727,11 +727,14 @@ class FlowTable:
     worker fed by several capture processes turns it off and advances the
     clock itself to their common low-water mark (``update``'s ``now_ns``),
     so that one producer running ahead never expires another's flows early.
+    ``lend_output``: the records returned are a view of the table's output
+    buffer, valid until the next call, instead of a copy (a caller that
+    turns them into template records at once, as the worker does).
     Not thread-safe: one worker owns it (the kernels release the GIL).
     """
 
     def __init__(self, max_flows: int, idle_timeout_ns: int, interval_ns: int,
-                 *, evict_batch: int | None = None, packet_clock: bool = True) -> None:
+                 *, evict_batch: int | None = None, packet_clock: bool = True, lend_output: bool = False) -> None:
         if not 1 <= max_flows < 2**31 - 1:
             raise ValueError(f"max_flows: {max_flows} is not between 1 and {2**31 - 2}")
         if idle_timeout_ns <= 0:
@@ -756,6 +759,7 @@ class FlowTable:
         # Room for one eviction wave and more, so that a full table rarely makes the kernel stop early.
         self._out_base = evict + 1024
         self._out = np.zeros(self._out_base, dtype=FLOW_RECORD_DTYPE)
+        self._lend = lend_output
 
     # -- metering
 
@@ -790,6 +794,8 @@ class FlowTable:
         if not END_IDLE <= reason <= END_LACK_OF_RESOURCES:
             raise ValueError(f"reason: {reason} is not a flowEndReason (1-5)")
         first = self.expire(now_ns) if now_ns is not None else None
+        if first is not None and self._lend:
+            first = first.copy()  # the flush below writes the same buffer
         if len(self._out) < self.active:
             self._out = np.empty(self.active, dtype=FLOW_RECORD_DTYPE)
         rest = self._take(flush_flow_table(self._slots, self._rows, self._times, self._st, self._out, reason))
@@ -806,9 +812,9 @@ class FlowTable:
         self._out = bigger
 
     def _take(self, n: int) -> npt.NDArray:
-        """The first ``n`` records of the output buffer, as an array the caller owns."""
+        """The first ``n`` records of the output buffer, as an array the caller owns (or borrows)."""
         if len(self._out) <= self._out_base:
-            return self._out[:n].copy()
+            return self._out[:n] if self._lend else self._out[:n].copy()
         # A wave of records grew the buffer: hand it over instead of copying, start a small one.
         records = self._out[:n]
         self._out = np.empty(self._out_base, dtype=FLOW_RECORD_DTYPE)

@@ -62,7 +62,7 @@ class Worker:
         self.name = f"worker-{settings.index}"
         # One producer: its packet times are the clock. Several: the clock is their low-water mark.
         self.table = FlowTable(settings.max_flows, settings.idle_timeout_ns, settings.interval_ns,
-                               packet_clock=settings.producers == 1)
+                               packet_clock=settings.producers == 1, lend_output=True)  # emit() consumes at once
         self._send = send
         self.seq = 0
         self.records_out = 0

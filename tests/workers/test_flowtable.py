@@ -615,3 +615,23 @@ def test_without_packet_clock_a_packet_ahead_of_the_clock_ends_its_own_idle_flow
     (r,) = table.update(packet_rows([pkt(b, T0 + 20 * S)]), now_ns=T0 + 1 * S)  # 20 s later: a new flow
     assert (int(r["packets"]), int(r["end_reason"]), int(r["last_ns"])) == (1, END_IDLE, T0)
     assert table.active == 1
+
+
+def test_lent_output_gives_the_same_records_as_copies():
+    """lend_output: each call's records are a view of the table's buffer, equal to what a copying table returns."""
+    from flowmeter.packets import PACKET_DTYPE
+    from workers.flowtable import FlowTable
+
+    rng = np.random.default_rng(7)
+    lent, owned = (FlowTable(500, 2_000_000_000, 0, lend_output=flag) for flag in (True, False))
+    for step in range(40):
+        pk = np.zeros(300, PACKET_DTYPE)
+        pk["ts_ns"] = np.sort(rng.integers(step * 10**9, (step + 1) * 10**9, 300)).astype(np.uint64)
+        pk["src_lo"] = rng.integers(1, 900, 300)
+        pk["dst_lo"] = 7
+        pk["proto"] = 17
+        pk["l3_bytes"] = rng.integers(28, 1500, 300)
+        a, b = lent.update(pk), owned.update(pk)
+        assert a.tobytes() == b.tobytes()
+    a, b = lent.flush(now_ns=60 * 10**9), owned.flush(now_ns=60 * 10**9)
+    assert len(a) > 0 and a.tobytes() == b.tobytes()
