@@ -323,15 +323,6 @@ def _assert_paced(times: list[float], start: float, rate: float, burst: int) -> 
         assert np.all(j - i + 1 <= burst + (t[j] - t[i]) * rate + 1), f"burst beyond the bucket after message {i}"
 
 
-@pytest.fixture
-def sink_elsewhere(monkeypatch):
-    """The loopback sink stands for a collector on another host: its queue is not watched, so
-    ExportRate alone paces it (a collector on this host is paced by its receive queue)."""
-    from exporter import transport
-
-    monkeypatch.setattr(transport.LocalPeerQueue, "for_address", classmethod(lambda cls, host, port: None))
-
-
 @pytest.mark.usefixtures("sink_elsewhere")
 def test_paced_export_takes_at_least_n_minus_burst_over_rate_on_the_wire():
     sink = StampedSink()
