@@ -207,6 +207,26 @@ def _wait_for_child(pid: int, name: str, timeout_s: float = 120) -> int | None:
     return None
 
 
+def _wait_for_cpu(pid: int, seconds: float, timeout_s: float = 60) -> None:
+    """Return once process ``pid`` has used ``seconds`` of CPU (it is metering), polled every 5 ms."""
+    proc = psutil.Process(pid)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        cpu = proc.cpu_times()
+        if cpu.user + cpu.system >= seconds:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"pid {pid} used less than {seconds} s of CPU in {timeout_s} s")
+
+
+def _signal_pending(pid: int, signum: int) -> bool:
+    """Whether ``signum`` waits for the (stopped) process ``pid``, from /proc/PID/status."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    pending = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+    return bool(pending >> (signum - 1) & 1)
+
+
 def test_sigterm_during_run_drains_every_metered_flow(tmp_path):
     cap = _big_capture(tmp_path)
     nf = Nfcapd(tmp_path / "nfcapd")
@@ -215,9 +235,20 @@ def test_sigterm_during_run_drains_every_metered_flow(tmp_path):
                                                     "StatisticsIntervalSeconds": 0, "Workers": 2}}))
     proc = subprocess.Popen([sys.executable, "-m", "flowmeter.cli", "run", "--profile", str(profile)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    _wait_for_child(proc.pid, "fm-capture-0")
-    time.sleep(0.5)  # metering, well before the end of the capture
-    proc.send_signal(signal.SIGTERM)
+    capture = _wait_for_child(proc.pid, "fm-capture-0")
+    assert capture, "capture-0 not found"
+    # The capture is frozen part way, whatever the machine's speed: after 50 ms of its CPU it has
+    # metered some packets and is far from the end of 3M. It sees the supervisor's SIGTERM when thawed.
+    _wait_for_cpu(capture, 0.05)
+    os.kill(capture, signal.SIGSTOP)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while not _signal_pending(capture, signal.SIGTERM) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _signal_pending(capture, signal.SIGTERM), "the supervisor did not pass SIGTERM on"
+    finally:
+        os.kill(capture, signal.SIGCONT)
     out, err = proc.communicate(timeout=120)
     rows = nf.records()
     assert proc.returncode == 0, err
@@ -232,7 +263,7 @@ def test_a_crashed_worker_stops_the_pipeline_with_its_error(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     victim = _wait_for_child(proc.pid, "fm-worker-1")
     assert victim, "worker-1 not found"
-    time.sleep(0.3)  # metering
+    _wait_for_cpu(victim, 0.02)  # metering, far from the end of 3M packets
     os.kill(victim, signal.SIGKILL)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
