@@ -539,10 +539,36 @@ def test_idle_flows_evicted_from_a_full_table_keep_their_idle_reason():
 
 def test_memory_per_flow_at_one_million_flows_is_at_most_100_octets():
     table = FlowTable(1_000_000, 15 * S, 0)
+    pk = np.zeros(1_000_000, dtype=PACKET_DTYPE)
+    pk["src_lo"] = np.arange(1_000_000)
+    pk["ts_ns"] = T0
+    for start in range(0, len(pk), 65536):  # in capture-sized batches: the index grows as flows come
+        assert len(table.update(pk[start:start + 65536])) == 0
+    assert table.active == 1_000_000
     per_flow = table.nbytes / table.max_flows
-    print(f"flow table: {per_flow:.1f} octets per flow at 1M flows, {table.capacity} index slots")
+    print(f"flow table: {per_flow:.1f} octets per flow holding 1M flows, {table.capacity} index slots")
     assert per_flow <= 100
-    assert table.capacity == 1_333_334
+    assert table.capacity == 1_333_334  # grown to its full size, never beyond
+    assert_index_consistent(table)
+
+
+def test_the_index_grows_with_the_flows_held_and_keeps_every_flow():
+    table = FlowTable(100_000, 15 * S, 0)
+    assert table.capacity < 10_000  # a few flows: a small index
+    sizes = []
+    for k in range(50):
+        pk = np.zeros(1000, dtype=PACKET_DTYPE)
+        pk["src_lo"] = np.arange(k * 1000, (k + 1) * 1000) % 30_000  # 30,000 flows, each seen again later
+        pk["ts_ns"] = T0 + k
+        pk["l3_bytes"] = 100
+        assert len(table.update(pk)) == 0
+        sizes.append(table.capacity)
+        assert (table.active + 1000) * 3 <= table.capacity * 4  # room for a whole batch of new flows
+    assert sizes == sorted(sizes) and sizes[-1] < 100_000 * 4 // 3  # grown, not to the maximum
+    assert table.active == 30_000
+    assert_index_consistent(table)
+    got = table.flush()
+    assert len(got) == 30_000 and int(got["packets"].sum()) == 50_000 and int(got["bytes"].sum()) == 5_000_000
 
 
 def test_load_kernels_runs_every_kernel_once():
