@@ -9,6 +9,7 @@ import threading
 import time
 
 import msgpack
+import pytest
 import zmq
 
 from exporter import process
@@ -176,6 +177,7 @@ def _exporter_child_until_end(settings, endpoint):
     process.run(settings, endpoint, producers=1)
 
 
+@pytest.mark.usefixtures("sink_elsewhere")  # paced by ExportRate, not by the sink's queue
 def test_paced_exporter_keeps_receiving_and_sends_everything_before_exit(tmp_path, monkeypatch):
     sink = Sink()
     endpoint = f"ipc://{tmp_path}/export"
@@ -206,6 +208,7 @@ def test_paced_exporter_keeps_receiving_and_sends_everything_before_exit(tmp_pat
     assert sink.flow_records() == n * 18
 
 
+@pytest.mark.usefixtures("sink_elsewhere")  # paced by ExportRate, not by the sink's queue
 def test_second_sigterm_during_a_paced_drain_exits_at_once(tmp_path):
     sink = Sink()
     endpoint = f"ipc://{tmp_path}/export"
