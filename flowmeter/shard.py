@@ -130,7 +130,9 @@ def route_kernel(rows, status, wanted, nets, workers, owner, counts, out):
             owner[i] = SKIP
             other += 1
             continue
-        w = (row_flow_hash(rows, i) >> np.uint64(33)) % np.uint64(workers)
+        w = np.uint64(0)
+        if workers > 1:
+            w = (row_flow_hash(rows, i) >> np.uint64(33)) % np.uint64(workers)
         owner[i] = w
         counts[w] += 1
         kept += 1
