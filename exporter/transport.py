@@ -90,7 +90,9 @@ class CollectorAddress:
 
 
 PEER_POLL_S = 0.001  # how often a local collector's receive queue is read while messages wait
-PEER_FILL = 0.75  # share of a local collector's receive buffer the exporter may fill
+# share of a local collector's receive buffer the exporter may fill: the rest holds what is still on
+# its way (loopback hands datagrams to the receiver in a softirq, which a busy machine runs late)
+PEER_FILL = 0.5
 PEER_PATIENCE_S = 0.5  # a local collector that reads nothing for this long is no longer waited for
 
 # NETLINK_SOCK_DIAG (linux/sock_diag.h, linux/inet_diag.h)
@@ -207,7 +209,8 @@ class LocalPeerQueue:
         self._room = 0  # octets the queue can still take, as of the last read minus what went since
         self._read_at = -1.0
         self._last_queued = 0
-        self._progress_at = 0.0  # when the queue last had room or shrank
+        self._sent_since_read = 0  # octets sent since the last look, at their truesize
+        self._progress_at = 0.0  # when the collector last took something or had room
 
     @classmethod
     def for_address(cls, host: str, port: int) -> LocalPeerQueue | None:
@@ -258,15 +261,19 @@ class LocalPeerQueue:
             if q is None:
                 return None
             self._room = self.limit - q
-            if q < self._last_queued or self._room >= datagram_truesize(size):
+            # progress: the collector took something since the last look (its queue grew by less
+            # than what went to it), or has room now
+            if q < self._last_queued + self._sent_since_read or self._room >= datagram_truesize(size):
                 self._progress_at = now
             self._last_queued = q
+            self._sent_since_read = 0
         if now - self._progress_at > PEER_PATIENCE_S:
             return None
         return max(0, self._room // datagram_truesize(size))
 
     def sent(self, n: int, size: int) -> None:
         self._room -= n * datagram_truesize(size)
+        self._sent_since_read += n * datagram_truesize(size)
 
 
 class UdpTransport:
