@@ -610,8 +610,8 @@ def nflog_prefixes(batch: RecordBatch, info: DecodeInfo) -> dict[bytes, npt.NDAr
 def warm_up() -> None:
     """Load every kernel of the capture path (compile them, the first time on a machine).
 
-    The first call of a numba kernel in a process costs about half a second
-    even from the cache (numba sets up LLVM); call this once in the
+    The first call of a numba kernel in a process costs about 0.1 s
+    even from the cache (numba starts its runtime and LLVM, see jit.py); call this once in the
     supervisor before forking the capture processes, so that they start
     metering at full speed (DESIGN.md "Data plane").
     """

@@ -904,7 +904,7 @@ def load_kernels() -> None:
 
     Call it in the supervisor before forking the workers (DESIGN.md "Data
     plane": start-up is part of performance): the first kernel call of a
-    process also pays numba's one-time set-up, about half a second.
+    process also pays numba's one-time set-up, about 0.1 s (see flowmeter/jit.py).
     """
     table = FlowTable(2, 1, 0, evict_batch=1)
     pk = np.zeros(3, dtype=PACKET_DTYPE)
