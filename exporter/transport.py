@@ -99,8 +99,7 @@ PEER_PATIENCE_S = 0.5  # a local collector that reads nothing for this long is n
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
 _NLM_F_REQUEST = 1
-_NLMSG_ERROR = 2
-_INET_DIAG_SKMEMINFO = 7  # attribute: u32 sk_meminfo[]: rmem_alloc, rcvbuf, ..., drops (index 8)
+_INET_DIAG_SKMEMINFO = 7  # attribute: u32 sk_meminfo[]: rmem_alloc, rcvbuf, ...
 _INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 _NLMSG = struct.Struct("=IHHII")
 _DIAG_REQ = struct.Struct("=BBBxI")  # inet_diag_req_v2 up to its socket id
@@ -125,8 +124,7 @@ class _UdpSocketDiag:
 
     One ``SOCK_DIAG_BY_FAMILY`` request over netlink finds the very socket a
     datagram to that address would reach (the kernel's own lookup) and
-    returns its receive queue, its receive buffer and its drop counter:
-    about 10 us, where reading ``/proc/net/udp`` formats every UDP socket of
+    returns its receive queue and its receive buffer: about 10 us, where reading ``/proc/net/udp`` formats every UDP socket of
     the host as text.
     """
 
@@ -142,8 +140,8 @@ class _UdpSocketDiag:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG)
         self.sock.setblocking(False)
 
-    def read(self) -> tuple[int, int | None, int | None] | None:
-        """``(queued octets, receive buffer, drops)``; None if no socket receives there (or no answer)."""
+    def read(self) -> tuple[int, int | None] | None:
+        """``(queued octets, receive buffer)``; None if no socket receives there (or no answer)."""
         try:
             self.sock.send(self.request)
             reply = self.sock.recv(4096)  # the kernel answers within the send
@@ -156,17 +154,16 @@ class _UdpSocketDiag:
             return None  # NLMSG_ERROR: ENOENT, nobody listens there
         length = min(length, len(reply))
         queued = int.from_bytes(reply[_NLMSG.size + _RQUEUE_AT:_NLMSG.size + _RQUEUE_AT + 4], "little")
-        buffer = drops = None
+        buffer = None
         at = _NLMSG.size + _DIAG_MSG_LEN
         while at + _RTATTR.size <= length:
             size, kind = _RTATTR.unpack_from(reply, at)
             if size < _RTATTR.size:
                 break
-            if kind == _INET_DIAG_SKMEMINFO and size >= _RTATTR.size + 9 * 4:
-                meminfo = struct.unpack_from("=9I", reply, at + _RTATTR.size)
-                queued, buffer, drops = meminfo[0], meminfo[1], meminfo[8]
+            if kind == _INET_DIAG_SKMEMINFO and size >= _RTATTR.size + 2 * 4:
+                queued, buffer = struct.unpack_from("=2I", reply, at + _RTATTR.size)
             at += (size + 3) & ~3
-        return queued, buffer, drops
+        return queued, buffer
 
     def close(self) -> None:
         self.sock.close()
@@ -187,7 +184,6 @@ class LocalPeerQueue:
     since the last look at ``datagram_truesize``. A collector started with
     a larger buffer (``nfcapd -B``) is given more at once. Anything else --
     a remote collector, the socket not found -- leaves the pacing alone.
-    ``drops`` is the collector socket's own drop counter, when known.
     """
 
     def __init__(self, host: str, port: int) -> None:
@@ -205,7 +201,6 @@ class LocalPeerQueue:
         except (OSError, ValueError):
             buffer = 212992
         self.limit = int(buffer * PEER_FILL)
-        self.drops: int | None = None
         self._room = 0  # octets the queue can still take, as of the last read minus what went since
         self._read_at = -1.0
         self._last_queued = 0
@@ -228,7 +223,7 @@ class LocalPeerQueue:
         if self._diag is not None:
             got = self._diag.read()
             if got is not None:
-                queued, buffer, self.drops = got
+                queued, buffer = got
                 if buffer:
                     self.limit = int(buffer * PEER_FILL)
                 return queued

@@ -2,9 +2,9 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+import pytest
 
-import pytest  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture

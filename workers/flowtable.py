@@ -794,7 +794,7 @@ class FlowTable:
         if packets.dtype != PACKET_DTYPE:
             raise TypeError(f"packets: dtype {packets.dtype} is not PACKET_DTYPE")
         pk = np.ascontiguousarray(packets)
-        if (self.active + len(pk)) * 4 > len(self._slots) * 3 and len(self._slots) < self._max_capacity:
+        if len(self._slots) < self._max_capacity and _index_size(self.active + len(pk)) > len(self._slots):
             self._grow_index(self.active + len(pk))
         end_now = -1 if now_ns is None else int(now_ns)
         start, n = 0, 0
