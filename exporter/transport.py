@@ -320,10 +320,6 @@ class UdpTransport:
         self._sock = sock
         return True
 
-    @property
-    def local_address(self) -> tuple | None:
-        return self._sock.getsockname() if self._sock else None
-
     def send(self, message: memoryview | bytes, now: float) -> None:
         """Send one message; raise ``TransportError`` when it did not leave."""
         if self._sock is None:
