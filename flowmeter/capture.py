@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
+from .batchring import BatchRing, RingStalled
 from .decode import decode_batch, nflog_prefixes
 from .direction import DirectionPolicy
 from .packets import PACKET_DTYPE, ST_OK, STATUS_NAMES
@@ -87,14 +88,19 @@ class CaptureCounters:
 class Capture:
     """Decode, classify and shard one capture file's batches (no sockets: testable alone)."""
 
-    def __init__(self, settings: CaptureSettings, workers: int, send) -> None:
+    def __init__(self, settings: CaptureSettings, workers: int, send, ring: BatchRing | None = None,
+                 stop=lambda: False) -> None:
         self.settings = settings
         self.name = f"capture-{settings.index}"
         self.workers = workers
         self.policy = DirectionPolicy(settings.direction, settings.local_networks, settings.drop_prefixes)
         self.router = Router(workers, self.policy)
         self._send = send  # send(worker index, frames)
-        self.seq = [0] * workers
+        self.ring = ring  # the rows go through this batch ring's slots (else as payload frames)
+        self._stop = stop
+        if ring is not None and ring.workers != workers:
+            raise ValueError(f"ring: made for {ring.workers} workers, not {workers}")
+        self.batches = 0  # batches sent: every worker gets each one (its part may be empty)
         self.clock_ns = 0
         self.counters = CaptureCounters()
         self._rows = np.empty(BATCH_PACKETS, dtype=PACKET_DTYPE)
@@ -158,6 +164,10 @@ class Capture:
 
     def meter_rows(self, rows, status) -> None:
         """Decoded rows (those with ``status`` 0) to the workers: own export left out, direction, shard."""
+        if self.ring is not None and len(rows) > self.ring.rows:  # a slot holds one batch: cut bigger ones
+            for at in range(0, len(rows), self.ring.rows):
+                self.meter_rows(rows[at:at + self.ring.rows], status[at:at + self.ring.rows])
+            return
         if len(self._exclude) and len(rows):
             own = np.zeros(len(rows), bool)
             for version, hi, lo, port in self._exclude:
@@ -167,23 +177,29 @@ class Capture:
             if own.any():
                 status[own] = LEFT_OUT
                 self.counters.count(OWN_EXPORT, int(own.sum()))
-        parts, kept, octets, other, newest = self.router.route(rows, status)
+        slot = -1
+        if self.ring is not None:
+            self.ring.wait_free(self.batches, self._stop)
+            slot = self.batches % self.ring.nslots
+        parts, kept, octets, other, newest = self.router.route(
+            rows, status, None if self.ring is None else self.ring.slot(self.batches))
         self.clock_ns = max(self.clock_ns, newest)
         self.counters.count("other direction", other)
         self.counters.packets += kept
         self.counters.octets += octets
         for w, part in enumerate(parts):
-            self._send(w, packets_message(self.name, self.seq[w], self.clock_ns, part))
-            self.seq[w] += 1
+            self._send(w, packets_message(self.name, self.batches, self.clock_ns, part, slot))
+        self.batches += 1
 
     def end_of_stream(self) -> None:
         for w in range(self.workers):
-            self._send(w, [EndOfStream(self.name, self.seq[w]).pack()])
+            self._send(w, [EndOfStream(self.name, self.batches).pack()])
 
 
-def run(settings: CaptureSettings, endpoints: CaptureEndpoints, source=None) -> int:
+def run(settings: CaptureSettings, endpoints: CaptureEndpoints, source=None, ring: BatchRing | None = None) -> int:
     """The capture's life: every file in turn, or the live ``source`` (opened already) until
-    SIGTERM/SIGINT; then end-of-stream to every worker."""
+    SIGTERM/SIGINT; then end-of-stream to every worker. With a ``ring`` (shared with the workers)
+    the batches' rows go through its slots."""
     stopping = []
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda signum, frame: stopping.append(signum))
@@ -199,7 +215,8 @@ def run(settings: CaptureSettings, endpoints: CaptureEndpoints, source=None) -> 
     control = ctx.socket(zmq.PUSH)
     control.setsockopt(zmq.LINGER, 2000)
     control.connect(endpoints.control)
-    cap = Capture(settings, len(pushes), lambda w, frames: pushes[w].send_multipart(frames, copy=False))
+    cap = Capture(settings, len(pushes), lambda w, frames: pushes[w].send_multipart(frames, copy=False), ring,
+                  stop=lambda: bool(stopping))
     last = [time.monotonic()]
 
     def progress() -> None:
@@ -217,15 +234,20 @@ def run(settings: CaptureSettings, endpoints: CaptureEndpoints, source=None) -> 
                     traceback.print_exc()
                 message = exc.strerror or str(exc)
                 cap.errors.append(message if message.startswith(source.name) else f"{source.name}: {message}")
+            except RingStalled as exc:  # a worker is gone: what it had not taken is lost, say so
+                cap.errors.append(str(exc))
             finally:
                 cap.counters.source_counters = source.counters()
                 source.close()
-        for path in settings.files:
-            if stopping:
-                break
-            cap.meter_file(path, stop=lambda: bool(stopping), progress=progress)
-            if cap.errors:
-                break  # stop at the first unreadable file, after metering what it had
+        try:
+            for path in settings.files:
+                if stopping:
+                    break
+                cap.meter_file(path, stop=lambda: bool(stopping), progress=progress)
+                if cap.errors:
+                    break  # stop at the first unreadable file, after metering what it had
+        except RingStalled as exc:  # a worker is gone: what it had not taken is lost, say so
+            cap.errors.append(str(exc))
         cap.end_of_stream()
         for e in cap.errors:
             control.send(control_message("error", cap.name, "capture", message=e))

@@ -2,8 +2,9 @@
 
 Every message is a ZeroMQ multipart message whose first frame is a msgpack
 map (the header). Data messages add one raw frame: a numpy structured array
-sent with ``copy=False`` and read back with ``np.frombuffer``; no pickles,
-never one msgpack object per packet or record.
+sent with ``copy=False`` and read back with ``np.frombuffer`` (packet
+batches of a running pipeline instead lie in shared memory: ``slot``
+below); no pickles, never one msgpack object per packet or record.
 
 ==========  =================  ==========================================  =====================
 kind        direction          header fields (besides ``kind``, ``v``)     payload frame
@@ -12,8 +13,9 @@ records     worker->exporter   sender, seq, count, template, domain,       ``cou
                                dtype                                       the flow template
                                                                            ``template``, host
                                                                            order
-packets     capture->worker    sender, seq, count, clock_ns                ``count`` rows of
-                                                                           ``PACKET_DTYPE``
+packets     capture->worker    sender, seq, count, clock_ns, slot          ``count`` rows of
+                                                                           ``PACKET_DTYPE``, or
+                                                                           none: in a ring slot
 eos         any producer->     sender, seq                                 none
             its consumer
 progress    child->supervisor  sender, role, counters (map)                none
@@ -33,6 +35,11 @@ error       child->supervisor  sender, role, message                      none
 * ``clock_ns`` is the capture's clock after this batch (packet time for a
   replay): every worker gets every batch's clock, with an empty payload
   when none of its packets are in it, so timers fire on all shards alike.
+* ``slot`` (packets): -1 when the rows follow as the payload frame; else
+  the message is the header alone and its rows are the first ``count`` of
+  this worker's part of that slot of the sender's batch ring
+  (``flowmeter.batchring``: shared memory, no copy through the socket),
+  which the worker releases once it has metered them.
 * Control messages (``progress``, ``stats``, ``error``) are small msgpack
   maps on the supervisor's control socket; ``counters`` maps names to
   integers.
@@ -49,7 +56,7 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-VERSION = 1
+VERSION = 2
 KIND_RECORDS = "records"
 KIND_EOS = "eos"
 KIND_PACKETS = "packets"
@@ -97,15 +104,21 @@ class PacketsHeader:
     seq: int
     count: int
     clock_ns: int
+    slot: int = -1  # -1: the rows are the payload frame; else the batch ring slot that holds them
 
     def pack(self) -> bytes:
         return msgpack.packb({"kind": KIND_PACKETS, "v": VERSION, "sender": self.sender, "seq": self.seq,
-                              "count": self.count, "clock_ns": self.clock_ns})
+                              "count": self.count, "clock_ns": self.clock_ns, "slot": self.slot})
 
 
-def packets_message(sender: str, seq: int, clock_ns: int, packets: npt.NDArray) -> list:
-    """The frames of a ``packets`` message (``PACKET_DTYPE`` rows, possibly none)."""
-    return [PacketsHeader(sender, seq, len(packets), clock_ns).pack(), np.ascontiguousarray(packets)]
+def packets_message(sender: str, seq: int, clock_ns: int, packets: npt.NDArray, slot: int = -1) -> list:
+    """The frames of a ``packets`` message (``PACKET_DTYPE`` rows, possibly none).
+
+    With ``slot`` >= 0 the rows already lie in that slot of the sender's
+    batch ring: the message is the header alone.
+    """
+    header = PacketsHeader(sender, seq, len(packets), clock_ns, slot).pack()
+    return [header] if slot >= 0 else [header, np.ascontiguousarray(packets)]
 
 
 def control_message(kind: str, sender: str, role: str, **fields) -> bytes:
@@ -156,9 +169,10 @@ def parse_header(frame: bytes | memoryview) -> RecordsHeader | PacketsHeader | E
                 raise SchemaError("count or domain out of range")
             return out
         if kind == KIND_PACKETS:
-            out = PacketsHeader(str(h["sender"]), int(h["seq"]), int(h["count"]), int(h["clock_ns"]))
-            if out.count < 0 or out.clock_ns < 0:
-                raise SchemaError("count or clock out of range")
+            out = PacketsHeader(str(h["sender"]), int(h["seq"]), int(h["count"]), int(h["clock_ns"]),
+                                int(h["slot"]))
+            if out.count < 0 or out.clock_ns < 0 or out.slot < -1:
+                raise SchemaError("count, clock or slot out of range")
             return out
         if kind == KIND_EOS:
             return EndOfStream(str(h["sender"]), int(h["seq"]))

@@ -187,13 +187,13 @@ def _exporter_child(settings: ExportSettings, endpoint: str, producers: int, con
     return 0
 
 
-def _worker_child(settings, endpoints) -> int:
+def _worker_child(settings, endpoints, rings) -> int:
     from workers.worker import run
 
-    return run(settings, endpoints)
+    return run(settings, endpoints, rings)
 
 
-def _capture_child(settings, endpoints, source=None, spec=None, profile=None) -> int:
+def _capture_child(settings, endpoints, ring, source=None, spec=None, profile=None) -> int:
     from .capture import run
 
     if spec is not None:  # opened here: a feed's ZeroMQ socket
@@ -205,7 +205,7 @@ def _capture_child(settings, endpoints, source=None, spec=None, profile=None) ->
 
         source = open_source(spec, profile, log=log)
         log("open")
-    return run(settings, endpoints, source)
+    return run(settings, endpoints, source, ring)
 
 
 def drop_privileges(user: str, rundir: str) -> None:
@@ -384,7 +384,8 @@ class Supervisor:
     def _run(self, rundir: str, opened: list | None = None) -> int:
         from workers.worker import WorkerEndpoints, WorkerSettings
 
-        from .capture import CaptureEndpoints, CaptureSettings
+        from .batchring import BatchRing
+        from .capture import BATCH_PACKETS, CaptureEndpoints, CaptureSettings
 
         p = self.profile
         ep_export = f"ipc://{rundir}/export"
@@ -406,6 +407,8 @@ class Supervisor:
             proc.start()
             self.children.append(ChildInfo(name, role, proc))
 
+        # Each capture process's packet batches reach the workers through shared memory (batchring.py).
+        rings = {f"capture-{i}": BatchRing(self.workers, BATCH_PACKETS) for i in range(producers)}
         self.started = time.monotonic()
         profile_path = p.source if os.path.isfile(p.source) else None
         start("exporter", "exporter", _exporter_child, (export, ep_export, self.workers, ep_control, profile_path))
@@ -413,19 +416,22 @@ class Supervisor:
             ws = WorkerSettings(index=i, max_flows=per_worker, idle_timeout_ns=p.idle_timeout_ms * 1_000_000,
                                 interval_ns=p.interval_ms * 1_000_000, domain=p.observation_domain_id,
                                 producers=producers, live=bool(opened))
-            start(f"worker-{i}", "worker", _worker_child, (ws, WorkerEndpoints(ep_workers[i], ep_export, ep_control)))
+            start(f"worker-{i}", "worker", _worker_child,
+                  (ws, WorkerEndpoints(ep_workers[i], ep_export, ep_control), rings))
         for i in range(self.captures):
             # One capture process: the files in order (e.g. a rotated capture). Several: the files
             # are dealt out and read at the same time (e.g. one file per member of a fanout group).
             cs = CaptureSettings(index=i, files=self.files[i::self.captures], direction=p.direction,
                                  local_networks=p.local_networks, drop_prefixes=p.drop_prefixes)
-            start(f"capture-{i}", "capture", _capture_child, (cs, CaptureEndpoints(ep_workers, ep_control)))
+            start(f"capture-{i}", "capture", _capture_child,
+                  (cs, CaptureEndpoints(ep_workers, ep_control), rings[f"capture-{i}"]))
         exclude = self._exclusions()
         for n, (spec, source) in enumerate(opened):
             i = self.captures + n
             cs = CaptureSettings(index=i, direction=p.direction, local_networks=p.local_networks,
                                  drop_prefixes=p.drop_prefixes, exclude=exclude)
-            args = (cs, CaptureEndpoints(ep_workers, ep_control), source) + ((spec, p) if source is None else ())
+            args = ((cs, CaptureEndpoints(ep_workers, ep_control), rings[f"capture-{i}"], source)
+                    + ((spec, p) if source is None else ()))
             start(f"capture-{i}", "capture", _capture_child, args, own=source)
             if source is not None:  # a feed says so itself once bound
                 self.err.write(f"flowmeter: capture-{i}: {spec} open\n")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
+from flowmeter.batchring import BatchRing
 from flowmeter.packets import PACKET_DTYPE
 from flowmeter.schema import (EndOfStream, PacketsHeader, SchemaError, control_message, parse_header,
                               records_from_frame, records_message)
@@ -57,13 +58,14 @@ class WorkerEndpoints:
 class Worker:
     """Flow table plus the record output of one shard (no sockets: testable alone)."""
 
-    def __init__(self, settings: WorkerSettings, send) -> None:
+    def __init__(self, settings: WorkerSettings, send, rings: dict[str, BatchRing] | None = None) -> None:
         self.settings = settings
         self.name = f"worker-{settings.index}"
         # One producer: its packet times are the clock. Several: the clock is their low-water mark.
         self.table = FlowTable(settings.max_flows, settings.idle_timeout_ns, settings.interval_ns,
                                packet_clock=settings.producers == 1, lend_output=True)  # emit() consumes at once
         self._send = send
+        self.rings = rings or {}  # producer name -> the batch ring its packets messages name slots of
         self.seq = 0
         self.records_out = 0
         self.dropped: dict[str, int] = {}
@@ -90,15 +92,42 @@ class Worker:
             if len(self.producers_done) < self.settings.producers:
                 self.emit(self.table.expire(self._low_water_mark()))
             return
-        if not isinstance(header, PacketsHeader) or len(frames) != 2:
+        if not isinstance(header, PacketsHeader):
             self._drop("unexpected message")
             return
-        payload = frames[1].buffer if hasattr(frames[1], "buffer") else frames[1]
-        try:
-            packets = records_from_frame(header, PACKET_DTYPE, payload)
-        except SchemaError:
-            self._drop("bad payload")
+        if header.slot < 0:
+            if len(frames) != 2:
+                self._drop("unexpected message")
+                return
+            payload = frames[1].buffer if hasattr(frames[1], "buffer") else frames[1]
+            try:
+                packets = records_from_frame(header, PACKET_DTYPE, payload)
+            except SchemaError:
+                self._drop("bad payload")
+                return
+            self._meter(header, packets)
             return
+        ring = self.rings.get(header.sender)
+        if ring is None:
+            self._drop("unexpected message")
+            return
+        try:
+            if len(frames) != 1:
+                self._drop("unexpected message")
+                return
+            if header.slot != header.seq % ring.nslots:
+                self._drop("bad slot")
+                return
+            try:
+                packets = ring.rows_of(header.slot, self.settings.index, header.count)
+            except ValueError:
+                self._drop("bad slot")
+                return
+            self._meter(header, packets)
+        finally:  # the capture may write the slot again
+            ring.release(self.settings.index, header.seq)
+
+    def _meter(self, header: PacketsHeader, packets: np.ndarray) -> None:
         if header.sender not in self.producers_done:
             self.clocks[header.sender] = max(self.clocks.get(header.sender, 0), header.clock_ns)
         self.emit(self.table.update(packets, self._low_water_mark()))
@@ -137,8 +166,11 @@ class Worker:
         return c
 
 
-def run(settings: WorkerSettings, endpoints: WorkerEndpoints) -> int:
-    """The worker's life: bind, meter until end-of-stream or a signal, flush, say so."""
+def run(settings: WorkerSettings, endpoints: WorkerEndpoints, rings: dict[str, BatchRing] | None = None) -> int:
+    """The worker's life: bind, meter until end-of-stream or a signal, flush, say so.
+
+    ``rings``: each capture process's batch ring, by its name (shared memory made before the fork).
+    """
     stopping = []
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda signum, frame: stopping.append(signum))
@@ -154,7 +186,7 @@ def run(settings: WorkerSettings, endpoints: WorkerEndpoints) -> int:
     control = ctx.socket(zmq.PUSH)
     control.setsockopt(zmq.LINGER, 2000)
     control.connect(endpoints.control)
-    worker = Worker(settings, lambda frames: push.send_multipart(frames, copy=False))
+    worker = Worker(settings, lambda frames: push.send_multipart(frames, copy=False), rings)
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
     last_progress = time.monotonic()

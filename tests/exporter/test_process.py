@@ -15,7 +15,7 @@ import zmq
 from exporter import process
 from exporter.exporting import ExportSettings
 from exporter.message import HEADER
-from flowmeter.schema import EndOfStream, records_message
+from flowmeter.schema import VERSION, EndOfStream, records_message
 from collectors import UdpSink
 from flowmeter.synthetic import synthetic_records
 
@@ -43,7 +43,7 @@ def test_hostile_feed_messages_are_counted_and_dropped(tmp_path):
     push = ctx.socket(zmq.PUSH)
     push.connect(endpoint)
     good = synthetic_records("ipv4_tcp", 7)
-    hdr = lambda **kw: msgpack.packb({"kind": "records", "v": 1, "sender": "w", "seq": 0, "count": 7,
+    hdr = lambda **kw: msgpack.packb({"kind": "records", "v": VERSION, "sender": "w", "seq": 0, "count": 7,
                                       "template": "ipv4_tcp", "domain": 1,
                                       "dtype": str(good.dtype.descr), **kw})
     hostile = [
@@ -60,8 +60,8 @@ def test_hostile_feed_messages_are_counted_and_dropped(tmp_path):
         [hdr(dtype="[('x', '<u8')]"), good.tobytes()],              # bad payload (dtype)
         [hdr()],                                                    # bad frame count
         [hdr(), good.tobytes(), b"extra"],                          # bad frame count
-        [msgpack.packb({"kind": "packets", "v": 1, "sender": "w", "seq": 0, "count": 0,
-                        "clock_ns": 5}), b""],                          # unexpected kind
+        [msgpack.packb({"kind": "packets", "v": VERSION, "sender": "w", "seq": 0, "count": 0,
+                        "clock_ns": 5, "slot": -1}), b""],              # unexpected kind
     ]
     for frames in hostile:
         push.send_multipart(frames)

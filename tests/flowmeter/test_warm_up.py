@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from flowmeter import capture, decode, pcapfile, shard, supervisor
+from flowmeter.batchring import BatchRing
 from flowmeter.capture import Capture, CaptureSettings
 from flowmeter.pcapwrite import ethernet_ipv4_tcp, ethernet_ipv6_udp, write_pcap
 from workers import flowtable, records
@@ -50,6 +51,17 @@ def test_replay_after_warm_up_needs_no_other_kernel_version(tmp_path):
                 worker.handle([message[0], bytearray(np.ascontiguousarray(message[1]).tobytes())])  # as a zmq frame: writable
         worker.finish()
     assert cap.counters.packets == 101 and out
+    # The running pipeline's path: rows through a batch ring's shared slots instead of frames.
+    ring = BatchRing(2, rows=64)
+    sent.clear()
+    cap = Capture(CaptureSettings(index=0, local_networks=("10.0.0.0/8",)), 2,
+                  lambda w, frames: sent.append((w, frames)), ring)
+    cap.meter_file(str(path))
+    workers = [Worker(WorkerSettings(index=w, max_flows=1000, idle_timeout_ns=10**9, interval_ns=0, domain=1,
+                                     producers=1), out.append, {cap.name: ring}) for w in range(2)]
+    for to, message in sent:
+        workers[to].handle(message)
+    assert sum(w.table.counters.packets for w in workers) == 100
     after = _versions()
     assert after == before, {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
     assert np.all(np.array(list(before.values())) >= 0)
