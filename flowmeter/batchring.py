@@ -58,9 +58,14 @@ class BatchRing:
         if rows < 1 or slots < 1:
             raise ValueError(f"rows {rows} and slots {slots} must be at least 1")
         self.workers, self.rows, self.nslots = workers, rows, slots
-        self._map = mmap.mmap(-1, HEADER + slots * workers * rows * PACKET_DTYPE.itemsize)  # MAP_SHARED
+        self._map = mmap.mmap(-1, self.size(workers, rows, slots))  # MAP_SHARED | MAP_ANONYMOUS
         self.released = np.frombuffer(self._map, np.int64, count=workers)
         self.slots = np.frombuffer(self._map, PACKET_DTYPE, offset=HEADER).reshape(slots, workers, rows)
+
+    @staticmethod
+    def size(workers: int, rows: int, slots: int = SLOTS) -> int:
+        """Octets of the mapping (address space: pages are only used once rows are written to them)."""
+        return HEADER + slots * workers * rows * PACKET_DTYPE.itemsize
 
     # -- the capture's side
 

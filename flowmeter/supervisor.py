@@ -408,7 +408,12 @@ class Supervisor:
             self.children.append(ChildInfo(name, role, proc))
 
         # Each capture process's packet batches reach the workers through shared memory (batchring.py).
-        rings = {f"capture-{i}": BatchRing(self.workers, BATCH_PACKETS) for i in range(producers)}
+        try:
+            rings = {f"capture-{i}": BatchRing(self.workers, BATCH_PACKETS) for i in range(producers)}
+        except OSError as exc:  # e.g. strict overcommit: say so before anything starts
+            self.errors.append(f"cannot map the batch rings ({producers} x {BatchRing.size(self.workers, BATCH_PACKETS) >> 20}"
+                               f" MiB of shared memory): {exc.strerror or exc}")
+            return 1
         self.started = time.monotonic()
         profile_path = p.source if os.path.isfile(p.source) else None
         start("exporter", "exporter", _exporter_child, (export, ep_export, self.workers, ep_control, profile_path))

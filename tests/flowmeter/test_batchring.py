@@ -150,3 +150,20 @@ def test_a_ring_is_made_for_its_workers():
         BatchRing(0, rows=4)
     with pytest.raises(ValueError, match="made for 2 workers, not 3"):
         Capture(CaptureSettings(index=0), 3, lambda w, f: None, BatchRing(2, rows=4))
+
+
+def test_no_shared_memory_for_the_rings_is_one_clear_error_before_anything_starts(tmp_path, monkeypatch):
+    from flowmeter.config import load_profile
+    from flowmeter.supervisor import Supervisor
+
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    path = tmp_path / "one.pcap"
+    _capture_file(path, 3)
+    profile = tmp_path / "p.json"
+    profile.write_text('{"FlowMetadata": {}}')
+    monkeypatch.setattr(batchring.mmap, "mmap", refuse)
+    sup = Supervisor(load_profile(profile), (str(path),), 1)
+    assert sup.run() == 1 and not sup.children
+    assert sup.errors == ["cannot map the batch rings (1 x 30 MiB of shared memory): Cannot allocate memory"]
