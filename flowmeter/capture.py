@@ -150,6 +150,10 @@ class Capture:
             self._rows = np.empty(n, dtype=PACKET_DTYPE)
             self._status = np.empty(n, dtype=np.uint8)
         rows, status = self._rows[:n], self._status[:n]
+        if self.ring is not None and self.workers == 1 and n <= self.ring.rows:
+            # One worker: decode straight into its slot; routing then only compacts the rows in place.
+            self.ring.wait_free(self.batches, self._stop)
+            rows = self.ring.slot(self.batches)[0, :n]
         info = decode_batch(batch, rows, status)
         self.counters.frames += n
         for code, name in STATUS_NAMES.items():

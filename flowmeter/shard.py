@@ -101,8 +101,11 @@ def route_kernel(rows, status, wanted, nets, workers, owner, counts, out):
     ``nets`` rows are LocalNetworks as (version, net_hi, mask_hi, net_lo,
     mask_lo); ``wanted`` is DIR_INGRESS, DIR_EGRESS or BOTH. ``out`` is
     ``(workers, at least len(rows))``; ``counts`` gets each worker's row
-    count (its rows are the first of ``out[worker]``). Returns (rows kept, their layer-3 octets, rows of the other
-    direction, largest time stamp of any IP row or 0).
+    count (its rows are the first of ``out[worker]``). With one worker,
+    ``out[0]`` may be ``rows`` itself: the rows are compacted in place (a
+    row moves only to a lower index, after it was read). Returns (rows
+    kept, their layer-3 octets, rows of the other direction, largest time
+    stamp of any IP row or 0).
     """
     n = rows.shape[0]
     kept = 0

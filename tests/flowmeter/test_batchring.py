@@ -13,7 +13,7 @@ from flowmeter import batchring, capture
 from flowmeter.batchring import BatchRing, RingStalled
 from flowmeter.capture import Capture, CaptureSettings
 from flowmeter.packets import PACKET_DTYPE
-from flowmeter.pcapwrite import ethernet_ipv4_tcp, ethernet_ipv6_udp, write_pcap
+from flowmeter.pcapwrite import ethernet, ethernet_ipv4_tcp, ethernet_ipv6_udp, write_pcap
 from flowmeter.schema import PacketsHeader, parse_header
 from workers.worker import Worker, WorkerSettings
 
@@ -21,10 +21,15 @@ T0 = 1_700_000_000_000_000_000
 
 
 def _capture_file(path, packets: int) -> None:
+    """IPv4 TCP both ways (10/8 is inside), IPv6 UDP, and every 10th frame ARP (not metered)."""
     frames = []
     for i in range(packets):
-        if i % 3:
+        if i % 10 == 9:
+            frames.append(ethernet(b"\0" * 28, 0x0806))
+        elif i % 3 == 1:
             frames.append(ethernet_ipv4_tcp(f"10.0.{i % 7}.1", "192.0.2.9", 1000 + i % 11, 443))
+        elif i % 3 == 2:
+            frames.append(ethernet_ipv4_tcp("192.0.2.9", f"10.0.{i % 7}.1", 443, 1000 + i % 11))
         else:
             frames.append(ethernet_ipv6_udp("2001:db8::1", f"2001:db8::{i % 5 + 2:x}", 53, 4000 + i % 13))
     write_pcap(path, [(T0 + i * 1000, f) for i, f in enumerate(frames)])
@@ -46,9 +51,9 @@ def _records(out: list) -> dict:
     return got
 
 
-def _meter(path, workers: int, ring: BatchRing | None, batch: int) -> tuple[dict, list]:
+def _meter(path, workers: int, ring: BatchRing | None, batch: int, direction: str = "Both") -> tuple[dict, list]:
     sent = []
-    cap = Capture(CaptureSettings(index=0, local_networks=("10.0.0.0/8",)), workers,
+    cap = Capture(CaptureSettings(index=0, direction=direction, local_networks=("10.0.0.0/8",)), workers,
                   lambda w, frames: sent.append((w, [bytes(f) if isinstance(f, bytes) else bytearray(f)
                                                      for f in frames])), ring)
     out, dropped = [], []
@@ -69,19 +74,21 @@ def _meter(path, workers: int, ring: BatchRing | None, batch: int) -> tuple[dict
     return _records(out), sent
 
 
-def test_a_ring_meters_the_same_flows_as_payload_frames(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])  # one worker: decoded straight into the slot, compacted in place
+@pytest.mark.parametrize("direction, metered", [("Both", 810), ("SendingToPeer", 270)])  # 90 ARP; 10/8 sends 270
+def test_a_ring_meters_the_same_flows_as_payload_frames(tmp_path, workers, direction, metered):
     path = tmp_path / "mix.pcap"
     _capture_file(path, 900)
-    framed, framed_sent = _meter(path, 2, None, 100)
-    ring = BatchRing(2, rows=100, slots=16)  # the 9 batches of 100 fit: no wait for a worker
-    ringed, ring_sent = _meter(path, 2, ring, 100)
-    assert ringed == framed and sum(p for p, _ in ringed.values()) == 900
-    assert all(len(frames) == 2 for _, frames in framed_sent if parse_header(frames[0]).__class__ is PacketsHeader)
+    framed, framed_sent = _meter(path, workers, None, 100, direction)
+    ring = BatchRing(workers, rows=100, slots=16)  # the 9 batches of 100 fit: no wait for a worker
+    ringed, ring_sent = _meter(path, workers, ring, 100, direction)
+    assert ringed == framed and sum(p for p, _ in ringed.values()) == metered
+    assert all(len(frames) == 2 for _, frames in framed_sent if isinstance(parse_header(frames[0]), PacketsHeader))
     headers = [parse_header(f[0]) for _, f in ring_sent]
     packets = [h for h in headers if isinstance(h, PacketsHeader)]
-    assert len(packets) == 2 * 9 and all(len(f) == 1 for _, f in ring_sent)  # headers only
-    assert [h.slot for h in packets[::2]] == [seq % 16 for seq in range(9)]
-    assert list(ring.released) == [9, 9]  # both workers released every batch
+    assert len(packets) == workers * 9 and all(len(f) == 1 for _, f in ring_sent)  # headers only
+    assert [h.slot for h in packets[::workers]] == [seq % 16 for seq in range(9)]
+    assert list(ring.released) == [9] * workers  # every worker released every batch
 
 
 def test_a_batch_larger_than_a_slot_is_cut_to_fit(tmp_path):
@@ -89,9 +96,9 @@ def test_a_batch_larger_than_a_slot_is_cut_to_fit(tmp_path):
     _capture_file(path, 300)
     ring = BatchRing(1, rows=64, slots=8)
     ringed, sent = _meter(path, 1, ring, 300)  # one decoded batch of 300 rows: five slots
-    assert sum(p for p, _ in ringed.values()) == 300
+    assert sum(p for p, _ in ringed.values()) == 270  # 30 of the 300 frames are ARP
     counts = [parse_header(f[0]).count for _, f in sent if isinstance(parse_header(f[0]), PacketsHeader)]
-    assert counts == [64, 64, 64, 64, 44]
+    assert len(counts) == 5 and sum(counts) == 270 and max(counts) <= 64  # 64, 64, 64, 64, 44 frames
 
 
 def test_the_capture_waits_for_a_slot_until_the_worker_releases_it():
