@@ -22,6 +22,7 @@ error: it never hangs.
 """
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import os
@@ -414,6 +415,10 @@ class Supervisor:
             self.errors.append(f"cannot map the batch rings ({producers} x {BatchRing.size(self.workers, BATCH_PACKETS) >> 20}"
                                f" MiB of shared memory): {exc.strerror or exc}")
             return 1
+        # Everything made so far (modules, numba's types, the kernels) lives as long as the process:
+        # frozen, no collection here or in a child walks it again, nor writes to its pages (copy on write).
+        gc.freeze()
+        gc.enable()
         self.started = time.monotonic()
         profile_path = p.source if os.path.isfile(p.source) else None
         start("exporter", "exporter", _exporter_child, (export, ep_export, self.workers, ep_control, profile_path))
