@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from exporter.exporting import ExportingProcess, ExportSettings  # noqa: E402
 from exporter.transport import CollectorAddress  # noqa: E402
-from flowmeter.synthetic import FLOW_TEMPLATE_NAMES, synthetic_records  # noqa: E402
+from tests.support.synthetic import FLOW_TEMPLATE_NAMES, synthetic_records  # noqa: E402
 
 
 def _receiver(port_q, counts_q, idle_s=1.0):

@@ -10,7 +10,7 @@ nfdump (nfcapd); ``.ci/run`` installs them all.
 Two network namespaces, A and B, joined by a veth pair ``va`` (in A) -- ``vb``
 (in B), segmentation offloads off and IPv6 off, so that the link carries
 nothing but the frames replayed into it. A deterministic capture made by
-``flowmeter.traffic`` (Ethernet, snap length 128; cached in ``bench/.data``
+``tests.support.traffic`` (Ethernet, snap length 128; cached in ``bench/.data``
 as by ``bench_replay.py``) is sent into ``vb`` by ``tcpreplay`` in B, at top
 speed or at a fixed rate (``--pps``); every frame arrives at ``va`` as
 ingress, addressed to a MAC that is not va's, which AF_PACKET sees all the
@@ -68,11 +68,11 @@ import psutil
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # tests.support
 
 import bench_replay as replay  # noqa: E402
-from collectors import require, udp_socket_drops, wait_socket_drained  # noqa: E402
-from netns import Namespaces, available, entered  # noqa: E402
+from tests.support.collectors import require, udp_socket_drops, wait_socket_drained  # noqa: E402
+from tests.support.netns import Namespaces, available, entered  # noqa: E402
 
 IF_A, IF_B = "va", "vb"
 TOOLS = ("flowmeter", "softflowd")

@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_replay.py --packets 100k --runs 1 --workers 1 --captures 1
 
 Deterministic captures and their ground truth are generated once with
-``flowmeter.traffic`` and cached in ``bench/.data/`` (file names carry a
+``tests.support.traffic`` and cached in ``bench/.data/`` (file names carry a
 digest of the generator, so a changed generator makes new files). Every
 measured command runs alone, its whole process tree watched: wall time,
 CPU time (user + system of every process, from ``wait4``), peak RSS (the
@@ -72,12 +72,11 @@ import psutil
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = HERE / ".data"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # tests.support: the generator and collectors the tests use too
 
-from collectors import Nfcapd, udp_rcvbuf_errors, udp_socket_drops, wait_socket_drained  # noqa: E402
+from tests.support.collectors import Nfcapd, udp_rcvbuf_errors, udp_socket_drops, wait_socket_drained  # noqa: E402
 
-GENERATOR = hashlib.sha1((ROOT / "flowmeter" / "traffic.py").read_bytes()).hexdigest()[:8]
+GENERATOR = hashlib.sha1((ROOT / "tests" / "support" / "traffic.py").read_bytes()).hexdigest()[:8]
 SECTIONS = ("replay", "startup", "memory", "flush")
 RUN_TIMEOUT_S = 3600
 STAGES = ("capture", "worker", "exporter")
@@ -134,7 +133,7 @@ def capture(kind: str, n: int, seed: int, split: int = 1) -> tuple[list[Path], P
     done = out.with_suffix(".done")
     if done.exists() and truth.exists():
         return files, truth
-    cmd = [sys.executable, "-m", "flowmeter.traffic", str(out), "--seed", str(seed),
+    cmd = [sys.executable, "-m", "tests.support.traffic", str(out), "--seed", str(seed),
            "--packets" if kind == "traffic" else "--concurrent-flows", str(n)]
     if split > 1:
         cmd += ["--split", str(split)]
@@ -550,7 +549,7 @@ def section_memory(args, tmp: Path, results: dict, show_memory: bool, show_flush
     for tool, rs in runs.items():
         worker = [(r["stats"].get("worker") or {}) for r in rs]
         table, peak = med(w.get("table_bytes") for w in worker), med(w.get("active_peak") for w in worker)
-        evicted = med(w.get("lack_of_resources") for w in worker)
+        evicted = med((w.get("end_reasons") or {}).get("lack_of_resources") for w in worker)
         rss, rss1 = med(r["rss"] for r in rs), med(b["rss"] for b in base[tool])
         rows.append({"tool": tool, "flows": n, "max_flows": max_flows, "active_peak": peak, "evicted": evicted,
                      "table_bytes": table,

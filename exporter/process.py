@@ -1,7 +1,7 @@
 """The exporter process: pulls finished-record batches from ZeroMQ and exports them.
 
 Its whole life is ``run()``: bind a PULL socket, then loop: receive every
-batch waiting (``flowmeter.schema``: msgpack header + raw record frame),
+batch waiting (``flowmeter.ipc.schema``: msgpack header + raw record frame),
 hand it to the ``ExportingProcess``, send a message that has waited long
 enough, do the periodic duties (template refresh, statistics); until it is
 told to stop. Stopping drains: batches already queued on the socket are
@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import zmq
 
-from flowmeter.schema import (EndOfStream, RecordsHeader, SchemaError, control_message, parse_header,
-                              records_from_frame)
+from flowmeter.ipc.counters import CollectorCounters, ExporterCounters
+from flowmeter.ipc.lifecycle import StageRuntime, StopFlag
+from flowmeter.ipc.schema import EndOfStream, RecordsHeader, SchemaError, parse_header, records_from_frame
 
 from .exporting import ExportingProcess, ExportSettings
 
@@ -45,6 +45,27 @@ DRAIN_QUIET_MS = 50
 SHORT_WAIT_S = 0.002  # waits for tokens shorter than this are slept precisely, not polled
 REPORT_S = 10.0  # at most one log line per collector in trouble this often
 RECEIVE_HWM = 1000  # batches queued before producers are held back
+
+
+@dataclass(frozen=True, slots=True)
+class ExporterSettings:
+    export: ExportSettings  # collectors, message size, pacing, ... (the profile's)
+    producers: int | None = None  # stop after an end-of-stream from this many; None: only on a signal
+
+
+@dataclass(frozen=True, slots=True)
+class ExporterEndpoints:
+    records: str  # bind: PULL, record batches from the workers
+    control: str | None = None  # connect: PUSH, counters to the supervisor (None: no supervisor)
+
+
+@dataclass(frozen=True, slots=True)
+class ExporterHandover:
+    """What the exporter gets besides values: callables made by whoever starts it."""
+
+    reload: Callable[[], ExportSettings] | None = None  # SIGHUP: the new settings (raises ValueError if unusable)
+    ready: Callable[[], None] | None = None  # called once the socket is bound
+    stop: StopFlag | None = None  # stop it from another thread (tests); else signals do
 
 
 @dataclass
@@ -130,45 +151,50 @@ def _log_send_buffers(exp: ExportingProcess, asked: int) -> None:
             log.info("collector %s: send buffer %d octets granted; %s", s.name, granted, pace)
 
 
-def run(settings: ExportSettings, endpoint: str, producers: int | None = None,
-        ready: Callable[[], None] | None = None, stop_event=None,
-        reload: Callable[[], ExportSettings] | None = None, control: str | None = None) -> ExporterStats:
-    """Run the exporter until SIGTERM/SIGINT, ``stop_event``, or end-of-stream from ``producers``.
+def counters(exporter: Exporter) -> ExporterCounters:
+    st = exporter.stats
+    return ExporterCounters(batches=st.batches, records=st.records, gaps=st.gaps, dropped=dict(st.dropped),
+                            collectors={name: CollectorCounters(**c)
+                                        for name, c in exporter.exporting.totals()["collectors"].items()},
+                            cpu_s=round(time.process_time(), 3))
 
-    ``ready`` is called once the socket is bound. With ``control`` (a
-    ZeroMQ endpoint of the supervisor), the final counters are pushed there. On SIGHUP, ``reload()``
-    gives new settings (collectors, sizes, periods): sessions of collectors
-    that stay keep their sequence numbers and every template is sent again
-    at once; a reload that fails (raises ``ValueError``) keeps the old ones.
+
+def run(settings: ExporterSettings, endpoints: ExporterEndpoints, handover: ExporterHandover = ExporterHandover()) -> int:
+    """Run the exporter until SIGTERM/SIGINT, a stop from ``handover.stop``, or end-of-stream from every producer.
+
+    On SIGHUP, ``handover.reload()`` gives new settings (collectors, sizes,
+    periods): sessions of collectors that stay keep their sequence numbers
+    and every template is sent again at once; a reload that fails (raises
+    ``ValueError``) keeps the old ones.
     """
-    pending: list[int] = []
+    producers = settings.producers
+    with StageRuntime("exporter", "exporter", endpoints.control, reload=True, stop=handover.stop) as rt:
+        sock = rt.socket(zmq.PULL, bind=endpoints.records, receive_hwm=RECEIVE_HWM, linger_ms=0)
+        exporter = Exporter(settings.export)
+        exp = exporter.exporting
+        try:
+            _log_send_buffers(exp, settings.export.socket_buffer)
+            if handover.ready is not None:
+                handover.ready()
+            _export_until_stopped(rt, sock, exporter, producers, handover.reload)
+            rt.final(counters(exporter))
+        finally:
+            exp.close()
+        st = exporter.stats
+        if endpoints.control is None:
+            log.info("%d records in %d batches; dropped batches: %d%s", st.records, st.batches,
+                     sum(st.dropped.values()), f" {st.dropped}" if st.dropped else "")
+    return 0
 
-    def _on_signal(signum, frame):  # record in the handler, act in the loop
-        pending.append(signum)
 
-    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    old = {s: signal.signal(s, _on_signal) for s in handled} if stop_event is None else {}
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.bind(endpoint)
-    exporter = Exporter(settings)
+def _export_until_stopped(rt: StageRuntime, sock, exporter: Exporter, producers: int | None,
+                          reload: Callable[[], ExportSettings] | None) -> None:
+    """The loop: receive, export, pace, refresh; then the drain (see the module notes)."""
     exp = exporter.exporting
-    _log_send_buffers(exp, settings.socket_buffer)
-    if ready is not None:
-        ready()
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     last_send = last_report = last_batch = time.monotonic()
     reported: dict[str, int] = {}
-    stopping = False
-    if control is not None:  # under a supervisor
-        from flowmeter.supervisor import ParentWatch
-
-        parent = ParentWatch()
-    else:
-        parent = None
 
     def receive_waiting(now: float, limit: int | None) -> None:
         n = 0
@@ -180,84 +206,67 @@ def run(settings: ExportSettings, endpoint: str, producers: int | None = None,
             exporter.handle(frames, now)
             n += 1
 
+    while True:
+        for _ in range(rt.stop.take_reloads()):
+            _reload(exp, reload)
+        now = time.monotonic()
+        rt.orphaned(now)
+        if producers is not None and len(exporter.stats.producers_done) >= producers:
+            break
+        if rt.stop:
+            break
+        wait = exp.next_send_in()  # queued messages waiting for their collector's pace
+        timeout = POLL_MS if wait is None else min(POLL_MS, max(1, math.ceil(wait * 1000)))
+        if exp.backlogged():  # a queue is full: leave batches on the socket for now
+            time.sleep(min(timeout / 1000, wait if wait is not None else POLL_MS / 1000))
+            events = {}
+        elif wait is not None and wait < SHORT_WAIT_S:
+            # The poll timeout is whole milliseconds: rounding a wait for the next few tokens up
+            # to one would cut the rate of a small burst (8 messages per 1.1 ms is not 15000/s).
+            events = dict(poller.poll(0))
+            if not events and wait > 0:
+                time.sleep(wait)
+        else:
+            events = dict(poller.poll(timeout))
+        now = time.monotonic()
+        if sock in events:
+            receive_waiting(now, MAX_BATCHES_PER_TURN)
+            last_batch = now
+        # a partly filled message goes when no batch came for a poll period, or after FLUSH_AFTER_S
+        if now - last_send >= FLUSH_AFTER_S or now - last_batch >= POLL_MS / 1000:
+            exp.flush(now)
+            last_send = now
+        exp.tick(now)
+        rt.progress(lambda: counters(exporter), now)
+        if now - last_report >= REPORT_S:
+            for line in _collector_report(exp, reported):
+                log.warning(line)
+            last_report = now
+    # drain: everything already queued on the socket is exported (a short quiet period lets
+    # batches still in flight arrive, unless every producer has said it sent its last)
+    all_done = producers is not None and len(exporter.stats.producers_done) >= producers
+    while poller.poll(0 if all_done else DRAIN_QUIET_MS):
+        receive_waiting(time.monotonic(), None)
+    exp.flush()
+    if exp.settings.stats_interval_s:
+        exp.send_statistics()
+    queued = exp.queued()
+    if queued:
+        log.info("sending the %d queued message(s) before exit", queued)
+    stops = rt.stop.stops
+    if not exp.drain(stop=lambda: rt.stop.stops > stops):
+        log.warning("stopped again while draining: queued messages given up (counted as not sent)")
+    for line in _collector_report(exp, reported):
+        log.warning(line)
+
+
+def _reload(exp: ExportingProcess, reload: Callable[[], ExportSettings] | None) -> None:
+    """SIGHUP: new settings from ``reload()`` (or the same ones), every template sent again at once."""
+    if reload is None:
+        exp.reload()
+        return
     try:
-        while not stopping:
-            while pending:
-                signum = pending.pop(0)
-                if signum == signal.SIGHUP:
-                    if reload is None:
-                        exp.reload()
-                        continue
-                    try:
-                        exp.reload(reload())
-                        log.info("reloaded: %d collector(s); templates sent again", len(exp.sessions))
-                    except ValueError as exc:
-                        log.error("reload refused, keeping the running settings: %s", exc)
-                else:
-                    stopping = True
-            if stop_event is not None and stop_event.is_set():
-                stopping = True
-            if parent is not None and parent.expired(time.monotonic()):
-                stopping = True
-            if producers is not None and len(exporter.stats.producers_done) >= producers:
-                stopping = True
-            if stopping:
-                break
-            wait = exp.next_send_in()  # queued messages waiting for their collector's pace
-            timeout = POLL_MS if wait is None else min(POLL_MS, max(1, math.ceil(wait * 1000)))
-            if exp.backlogged():  # a queue is full: leave batches on the socket for now
-                time.sleep(min(timeout / 1000, wait if wait is not None else POLL_MS / 1000))
-                events = {}
-            elif wait is not None and wait < SHORT_WAIT_S:
-                # The poll timeout is whole milliseconds: rounding a wait for the next few tokens up
-                # to one would cut the rate of a small burst (8 messages per 1.1 ms is not 15000/s).
-                events = dict(poller.poll(0))
-                if not events and wait > 0:
-                    time.sleep(wait)
-            else:
-                events = dict(poller.poll(timeout))
-            now = time.monotonic()
-            if sock in events:
-                receive_waiting(now, MAX_BATCHES_PER_TURN)
-                last_batch = now
-            # a partly filled message goes when no batch came for a poll period, or after FLUSH_AFTER_S
-            if now - last_send >= FLUSH_AFTER_S or now - last_batch >= POLL_MS / 1000:
-                exp.flush(now)
-                last_send = now
-            exp.tick(now)
-            if now - last_report >= REPORT_S:
-                for line in _collector_report(exp, reported):
-                    log.warning(line)
-                last_report = now
-        # drain: everything already queued on the socket is exported (a short quiet period lets
-        # batches still in flight arrive, unless every producer has said it sent its last)
-        all_done = producers is not None and len(exporter.stats.producers_done) >= producers
-        while poller.poll(0 if all_done else DRAIN_QUIET_MS):
-            receive_waiting(time.monotonic(), None)
-        exp.flush()
-        if exp.settings.stats_interval_s:
-            exp.send_statistics()
-        queued = exp.queued()
-        if queued:
-            log.info("sending the %d queued message(s) before exit", queued)
-        if not exp.drain(stop=lambda: any(p in (signal.SIGTERM, signal.SIGINT) for p in pending)):
-            log.warning("stopped again while draining: queued messages given up (counted as not sent)")
-        for line in _collector_report(exp, reported):
-            log.warning(line)
-        if control is not None:
-            sock_c = ctx.socket(zmq.PUSH)
-            sock_c.setsockopt(zmq.LINGER, 2000)
-            sock_c.connect(control)
-            st = exporter.stats
-            counters = {"records": st.records, "batches": st.batches, "gaps": st.gaps,
-                        **{f"dropped {k}": v for k, v in st.dropped.items()},
-                        "cpu_s": round(time.process_time(), 3), "collectors": exp.totals()["collectors"]}
-            sock_c.send(control_message("stats", "exporter", "exporter", counters=counters, final=True))
-            sock_c.close()
-    finally:
-        exp.close()
-        sock.close(0)
-        ctx.term()
-        for s, h in old.items():
-            signal.signal(s, h)
-    return exporter.stats
+        exp.reload(reload())
+        log.info("reloaded: %d collector(s); templates sent again", len(exp.sessions))
+    except ValueError as exc:
+        log.error("reload refused, keeping the running settings: %s", exc)

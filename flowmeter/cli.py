@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gc
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -82,8 +81,10 @@ def exporter(profile: Path = typer.Option(..., "--profile", "-p", help="profile 
 
     SIGTERM or SIGINT drains and exits; SIGHUP re-reads the profile's collectors and sends templates again.
     """
+    from exporter.process import ExporterEndpoints, ExporterHandover, ExporterSettings, run
+    from flowmeter.ipc.logs import setup_logging
+
     from .config import ConfigError, load_profile
-    from exporter.process import run
 
     try:
         p = load_profile(profile)
@@ -92,10 +93,9 @@ def exporter(profile: Path = typer.Option(..., "--profile", "-p", help="profile 
     if not p.exporting:
         typer.echo(f"flowmeter: exporting is off ({'Enabled is false' if not p.enabled else 'no IpFixCollectors'}); "
                    "batches are received and dropped", err=True)
-    logging.basicConfig(level=logging.INFO, format="flowmeter exporter: %(message)s", stream=sys.stderr)
-    stats = run(p.export_settings(), bind, producers, reload=lambda: load_profile(profile).export_settings())
-    typer.echo(f"exporter: {stats.records} records in {stats.batches} batches; "
-               f"dropped batches: {sum(stats.dropped.values())} {stats.dropped or ''}".rstrip(), err=True)
+    setup_logging("exporter")
+    raise typer.Exit(run(ExporterSettings(p.export_settings(), producers), ExporterEndpoints(bind),
+                         ExporterHandover(reload=lambda: load_profile(profile).export_settings())))
 
 
 def _start_up() -> None:
@@ -124,6 +124,8 @@ REPLAY_NICE = 10  # a replay's capture and workers yield the CPU to everything e
 
 def _pipeline(p, files: tuple[str, ...], workers: Optional[int], what: str, captures: int = 1,
               stats: Optional[Path] = None, nice: int = 0, live: tuple = ()) -> None:
+    from flowmeter.ipc.counters import to_wire
+
     from .supervisor import Supervisor
 
     missing = [f for f in files if not Path(f).is_file()]
@@ -134,12 +136,13 @@ def _pipeline(p, files: tuple[str, ...], workers: Optional[int], what: str, capt
     sup = Supervisor(p, files, workers, captures=captures, data_plane_nice=nice, live=live)
     code = sup.run()
     if sup.children:  # else nothing started: the error below says why
-        typer.echo(sup.summary(), err=True)
+        typer.echo(sup.report.summary(), err=True)
     for e in sup.errors:
         typer.echo(f"flowmeter: {e}", err=True)
     if stats is not None:
+        totals = {role: to_wire(value) for role, value in sup.report.totals().items()}
         try:
-            stats.write_text(json.dumps({"wall_s": round(sup.elapsed, 3), "exit": code, **sup.totals(),
+            stats.write_text(json.dumps({"wall_s": round(sup.report.elapsed, 3), "exit": code, **totals,
                                          "ended_s": {c.name: c.ended_s for c in sup.children}}, indent=1))
         except OSError as exc:
             _fail(f"--stats {stats}: cannot write: {exc.strerror or exc}")
@@ -184,7 +187,7 @@ def run(profile: Path = typer.Option(..., "--profile", "-p", help="profile JSON 
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="print the status documents as JSON")) -> None:
     """Show every running ``flowmeter run`` of this user: per source, packets, rate and drops (kernel and ours)."""
-    from .supervisor import running_status
+    from .status import describe_runs, running_status
 
     runs = running_status()
     if as_json:
@@ -192,27 +195,22 @@ def status(as_json: bool = typer.Option(False, "--json", help="print the status 
         return
     if not runs:
         _fail("status: no flowmeter run is running (as this user)")
-    for doc in runs:
-        typer.echo(f"pid {doc['pid']}, profile {doc.get('profile')}, up {doc.get('uptime_s', 0):,.0f} s, "
-                   f"sources: {', '.join(doc.get('sources', []))}")
-        for line in doc.get("lines", []):
-            typer.echo(f"  {line}")
-        for name, child in sorted(doc.get("children", {}).items()):
-            c = child.get("counters", {})
-            typer.echo(f"  {name}: pid {child.get('pid')}, {'running' if child.get('alive') else 'ended'}"
-                       + (f", {c.get('packets', 0):,} packets" if 'packets' in c else "")
-                       + (f", {c.get('records_out', 0):,} records" if 'records_out' in c else ""))
+    typer.echo(describe_runs(runs))
 
 
 @app.command()
 def demo(workers: int = typer.Option(2, "--workers", "-w", min=1, max=64, help="shard workers")) -> None:
     """Replay a capture shipped with flowmeter through the whole pipeline to a loopback collector; print its records."""
     from .demo import run_demo
+    from .supervisor import Supervisor
 
-    raise typer.Exit(run_demo(workers))
+    raise typer.Exit(run_demo(Supervisor, workers))
 
 
 def main() -> None:
+    from flowmeter.ipc.logs import setup_logging
+
+    setup_logging()  # "flowmeter: ..." for this process; each child sets up its own name
     try:
         app()
     except SystemExit as exc:

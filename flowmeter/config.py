@@ -31,16 +31,14 @@ from typing import Any
 from exporter.exporting import EXPORT_RATE, ExportSettings
 from exporter.transport import SEND_BUFFER, CollectorAddress
 
-from .sources import KINDS, SourceSpec
+from flowmeter.capture.sources import KINDS, SourceSpec
+from flowmeter.ipc.packets import DROP_REASONS
 
 SECTION = "FlowMetadata"
 DIRECTIONS = ("Both", "SendingToPeer", "ReceivedFromPeer")
 COLLECTOR_FORMS = "Udp/ADDRESS:PORT or File/PATH"
 SOURCE_FORMS = "pcap:PATH, afpacket:IFACE, nflog:GROUP or feed:ENDPOINT"
 _IFNAME = re.compile(r"[^/\s:]{1,15}")  # a Linux interface name (IFNAMSIZ - 1 octets)
-# forwardingStatus values for frames dropped by policy (IANA, RFC 7270 / RFC 9710)
-DROP_REASONS = {"Unknown": 128, "AclDeny": 129, "AclDrop": 130, "Unroutable": 131, "Policer": 138,
-                "BadTtl": 137, "Rpf": 140, "ForUs": 141}
 UINT32_MAX = 0xFFFF_FFFF
 MAX_EXPORT_RATE = 10_000_000  # messages/s; more than any link carries
 MIN_SOCKET_BUFFER = 65536  # holds the largest message (65507 octets)
@@ -204,7 +202,7 @@ def _sources(items: list[Any]) -> tuple[SourceSpec, ...]:
 def _capture_filter(expression: str) -> str:
     """Compiled once here by tcpdump, so that a typo is said at load, not when the capture opens."""
     if expression.strip():
-        from .afpacket import LINKTYPE_ETHERNET, compile_filter
+        from flowmeter.capture.sources.afpacket import LINKTYPE_ETHERNET, compile_filter
 
         try:
             compile_filter(expression, LINKTYPE_ETHERNET, 256)

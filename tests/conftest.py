@@ -1,10 +1,5 @@
-"""Test configuration: make the helper modules in tests/ importable."""
-import sys
-from pathlib import Path
-
+"""Test configuration shared by every test (helpers live in ``tests.support``)."""
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture

@@ -140,9 +140,8 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from flowmeter.packets import PACKET_DTYPE
-from workers.records import (END_ACTIVE, END_FORCED, END_IDLE, END_LACK_OF_RESOURCES, END_OF_FLOW,
-                             FLOW_RECORD_DTYPE)
+from flowmeter.ipc.packets import PACKET_DTYPE
+from workers.records import END_ACTIVE, END_FORCED, END_IDLE, END_LACK_OF_RESOURCES, END_OF_FLOW, FLOW_RECORD_DTYPE
 
 ROW_DTYPE = np.dtype([
     ("src_hi", "<u8"), ("src_lo", "<u8"), ("dst_hi", "<u8"), ("dst_lo", "<u8"),

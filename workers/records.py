@@ -13,7 +13,8 @@ import numpy.typing as npt
 from flowmeter.jit import njit
 
 from exporter.template import FLOW_CLASS, FLOW_CLASSES, FLOW_DTYPES, flow_template_name
-from flowmeter.packets import FORWARDED, FWD_FORWARDED_UNKNOWN
+from flowmeter.ipc.counters import END_REASONS
+from flowmeter.ipc.packets import FORWARDED, FWD_FORWARDED_UNKNOWN
 
 FLOW_RECORD_DTYPE = np.dtype([
     ("first_ns", "<u8"), ("last_ns", "<u8"),
@@ -35,6 +36,7 @@ END_ACTIVE = 2
 END_OF_FLOW = 3
 END_FORCED = 4
 END_LACK_OF_RESOURCES = 5
+REASON_NAMES = dict(zip((END_IDLE, END_ACTIVE, END_OF_FLOW, END_FORCED, END_LACK_OF_RESOURCES), END_REASONS))
 
 
 def to_template_batches(records: npt.NDArray) -> list[tuple[str, npt.NDArray]]:

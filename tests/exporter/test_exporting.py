@@ -11,8 +11,8 @@ from exporter.exporting import STATS_DOMAIN, ExportingProcess, ExportSettings
 from exporter.ie import IE
 from exporter.message import HEADER, SET_HEADER
 from exporter.template import TemplateRegistry, default_registry
-from collectors import UdpSink
-from flowmeter.synthetic import FLOW_TEMPLATE_NAMES, synthetic_records
+from tests.support.collectors import UdpSink
+from tests.support.synthetic import FLOW_TEMPLATE_NAMES, synthetic_records
 
 
 Sink = UdpSink
@@ -440,7 +440,7 @@ def test_a_slow_collector_on_this_host_loses_nothing_however_high_the_rate():
     # watches its socket's receive queue (/proc/net/udp) and sends only while there is room.
     import threading
 
-    from collectors import udp_socket_drops
+    from tests.support.collectors import udp_socket_drops
     from exporter.transport import CollectorAddress
 
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

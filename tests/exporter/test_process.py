@@ -15,9 +15,10 @@ import zmq
 from exporter import process
 from exporter.exporting import ExportSettings
 from exporter.message import HEADER
-from flowmeter.schema import VERSION, EndOfStream, records_message
-from collectors import UdpSink
-from flowmeter.synthetic import synthetic_records
+from flowmeter.ipc.lifecycle import StopFlag
+from flowmeter.ipc.schema import VERSION, EndOfStream, Report, parse_control, records_message
+from tests.support.collectors import UdpSink
+from tests.support.synthetic import synthetic_records
 
 
 
@@ -25,11 +26,32 @@ def Sink():
     return UdpSink(timeout_s=0.5)
 
 
+def _run(settings, endpoint, producers=None, **handover):
+    """The exporter's entry as the supervisor calls it, on one records endpoint and no control channel."""
+    return process.run(process.ExporterSettings(settings, producers), process.ExporterEndpoints(endpoint),
+                       process.ExporterHandover(**handover))
+
+
 def _start_thread(settings, endpoint, producers=None):
-    stop = threading.Event()
+    """The exporter in a thread, its final counters read from a control channel as the supervisor reads them."""
+    stop = StopFlag()
     result = {}
-    t = threading.Thread(target=lambda: result.setdefault(
-        "stats", process.run(settings, endpoint, producers, stop_event=stop)), daemon=True)
+    control = f"{endpoint}-control"
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(control)
+
+    def target():
+        process.run(process.ExporterSettings(settings, producers), process.ExporterEndpoints(endpoint, control),
+                    process.ExporterHandover(stop=stop))
+        while pull.poll(2000):
+            report = parse_control(pull.recv())
+            if isinstance(report, Report) and report.final:
+                result["stats"] = report.counters
+                break
+        pull.close(0)
+
+    t = threading.Thread(target=target, daemon=True)
     t.start()
     return t, stop, result
 
@@ -79,7 +101,7 @@ def test_hostile_feed_messages_are_counted_and_dropped(tmp_path):
 
 
 def _exporter_child(settings, endpoint):
-    process.run(settings, endpoint)
+    _run(settings, endpoint)
 
 
 def test_sigterm_exports_every_batch_already_received(tmp_path):
@@ -120,7 +142,7 @@ def test_exporting_off_still_drains_and_exits(tmp_path):
 
 
 def _exporter_child_with_reload(settings, endpoint, reloaded):
-    process.run(settings, endpoint, reload=lambda: reloaded)
+    _run(settings, endpoint, reload=lambda: reloaded)
 
 
 def test_sighup_reload_adds_a_collector_and_sends_templates_at_once(tmp_path):
@@ -174,7 +196,7 @@ def _push_all(endpoint, batches):
 
 
 def _exporter_child_until_end(settings, endpoint):
-    process.run(settings, endpoint, producers=1)
+    _run(settings, endpoint, producers=1)
 
 
 @pytest.mark.usefixtures("sink_elsewhere")  # paced by ExportRate, not by the sink's queue

@@ -10,15 +10,7 @@ import pytest
 
 from exporter.exporting import EXPORT_RATE, ExportSettings
 from exporter.transport import CollectorAddress
-from flowmeter.config import (
-    KEYS,
-    SETTINGS,
-    ConfigError,
-    Profile,
-    load_profile,
-    parse_profile,
-    settings_help,
-)
+from flowmeter.config import KEYS, SETTINGS, ConfigError, Profile, load_profile, parse_profile, settings_help
 
 
 def _flow_metadata(**settings: object) -> str:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from flowmeter import capture, decode, pcapfile, shard, supervisor
-from flowmeter.batchring import BatchRing
-from flowmeter.capture import Capture, CaptureSettings
-from flowmeter.pcapwrite import ethernet_ipv4_tcp, ethernet_ipv6_udp, write_pcap
+from flowmeter import warmup
+from flowmeter.capture import decode, shard
+from flowmeter.capture import process as capture
+from flowmeter.capture.process import Capture, CaptureSettings
+from flowmeter.capture.sources import pcapfile
+from flowmeter.ipc.batchring import BatchRing
+from tests.support.pcapwrite import ethernet_ipv4_tcp, ethernet_ipv6_udp, write_pcap
 from workers import flowtable, records
-from workers.worker import Worker, WorkerSettings
+from workers.process import Worker, WorkerSettings
 
 
 def _versions() -> dict[str, int]:
@@ -29,7 +32,7 @@ def _versions() -> dict[str, int]:
 
 
 def test_replay_after_warm_up_needs_no_other_kernel_version(tmp_path):
-    supervisor.warm_up()
+    warmup.load_kernels()
     before = _versions()
     path = tmp_path / "mix.pcap"
     frames = [ethernet_ipv4_tcp("10.0.0.1", "10.0.0.2", 1000 + i, 80) for i in range(50)]

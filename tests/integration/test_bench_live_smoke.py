@@ -16,8 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from collectors import require
-from netns import available
+from tests.support.collectors import require
+from tests.support.netns import available
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from collectors import require
+from tests.support.collectors import require
 
 ROOT = Path(__file__).resolve().parents[2]
 

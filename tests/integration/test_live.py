@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from collectors import Nfcapd, ipfixdump_records
-from netns import Namespaces, available, entered
+from tests.support.collectors import Nfcapd, ipfixdump_records
+from tests.support.netns import Namespaces, available, entered
 
 ROOT = Path(__file__).resolve().parents[2]
 A4, B4, A6, B6 = "10.9.0.1", "10.9.0.2", "fd09::1", "fd09::2"
@@ -310,7 +310,7 @@ def open_tun(ns: Namespaces, name: str, ifname: str) -> int:
 
 
 def test_tun_interface_raw_ip_both_directions(tmp_path):
-    from flowmeter.pcapwrite import ipv4, ipv6, udp
+    from tests.support.pcapwrite import ipv4, ipv6, udp
 
     why = available()
     assert not why, why
@@ -472,8 +472,8 @@ def test_runs_as_the_configured_user_after_opening_the_ring(lab, tmp_path):
 def test_feed_frames_with_verdicts_while_hostile_messages_are_dropped(lab, tmp_path):
     import msgpack
 
-    from flowmeter.feedclient import FeedClient, header_frame, metadata_frame
-    from flowmeter.pcapwrite import ipv4, tcp
+    from flowmeter.capture.sources.feedclient import FeedClient, header_frame, metadata_frame
+    from tests.support.pcapwrite import ipv4, tcp
 
     ns, a, b = lab
     endpoint = f"ipc://{tmp_path}/feed.sock"
@@ -545,7 +545,7 @@ def test_no_pipeline_outlives_a_killed_supervisor(lab, tmp_path):
 
 def test_vlan_tagged_frames(lab, tmp_path):
     """802.1Q and 802.1ad tagged frames sent from the other end (this kernel has no VLAN devices)."""
-    from flowmeter.pcapwrite import ethernet, ipv4, ipv6, udp
+    from tests.support.pcapwrite import ethernet, ipv4, ipv6, udp
 
     ns, a, b = lab
     mac = bytes.fromhex(ns.run(a, "cat", "/sys/class/net/va/address").stdout.strip().replace(":", ""))

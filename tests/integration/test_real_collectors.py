@@ -14,11 +14,11 @@ from datetime import datetime, timezone
 
 import pytest
 
-from collectors import Nfacctd, Nfcapd, TsharkCapture, ipfixdump_records, nfdump_flags, tshark_fields
 from exporter.exporting import ExportSettings
 from exporter.transport import CollectorAddress
-from flowmeter.demo import export_batches
-from flowmeter.synthetic import FLOW_TEMPLATE_NAMES, synthetic_records
+from tests.support.collectors import Nfacctd, Nfcapd, TsharkCapture, ipfixdump_records, nfdump_flags, tshark_fields
+from tests.support.producer import export_batches
+from tests.support.synthetic import FLOW_TEMPLATE_NAMES, synthetic_records
 
 PER_TEMPLATE = 60
 DOMAIN = 7

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from collectors import Nfcapd
+from tests.support.collectors import Nfcapd
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "pcaps"

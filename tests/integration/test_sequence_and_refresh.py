@@ -6,13 +6,13 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from collectors import (Nfcapd, TsharkCapture, tshark_fields, udp_rcvbuf_errors, udp_socket_drops,
-                        wait_socket_drained)
 from exporter.exporting import EXPORT_BURST, ExportSettings
 from exporter.transport import CollectorAddress
 from flowmeter.config import parse_profile
-from flowmeter.demo import export_batches
-from flowmeter.synthetic import FLOW_TEMPLATE_NAMES, synthetic_records
+from tests.support.collectors import (Nfcapd, TsharkCapture, tshark_fields, udp_rcvbuf_errors, udp_socket_drops,
+                                      wait_socket_drained)
+from tests.support.producer import export_batches
+from tests.support.synthetic import FLOW_TEMPLATE_NAMES, synthetic_records
 
 MAX_MESSAGE = 1200
 RECORDS_PER_DOMAIN = 6000  # 12,000 records in all, hundreds of messages per collector

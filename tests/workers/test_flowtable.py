@@ -16,10 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowmeter.packets import DIR_EGRESS, DIR_INGRESS, DIR_UNKNOWN, PACKET_DTYPE
+from flowmeter.ipc.packets import DIR_EGRESS, DIR_INGRESS, DIR_UNKNOWN, PACKET_DTYPE
 from workers.flowtable import FlowTable, load_kernels
-from workers.records import (END_ACTIVE, END_FORCED, END_IDLE, END_LACK_OF_RESOURCES, END_OF_FLOW,
-                             FLOW_RECORD_DTYPE)
+from workers.records import END_ACTIVE, END_FORCED, END_IDLE, END_LACK_OF_RESOURCES, END_OF_FLOW, FLOW_RECORD_DTYPE
 
 S = 1_000_000_000
 T0 = 1_700_000_000 * S
@@ -645,7 +644,7 @@ def test_without_packet_clock_a_packet_ahead_of_the_clock_ends_its_own_idle_flow
 
 def test_lent_output_gives_the_same_records_as_copies():
     """lend_output: each call's records are a view of the table's buffer, equal to what a copying table returns."""
-    from flowmeter.packets import PACKET_DTYPE
+    from flowmeter.ipc.packets import PACKET_DTYPE
     from workers.flowtable import FlowTable
 
     rng = np.random.default_rng(7)

@@ -1,0 +1,268 @@
+"""The contract a stage process runs under: bootstrap, exit codes, stop flag, control channel.
+
+The supervisor forks every stage process (capture, worker, exporter) into
+``child_main``, which names the process (``fm-worker-1`` in ps and top),
+sets up its log lines (``flowmeter: worker-1: ...`` on the stderr it shares
+with the supervisor), resets the signal handlers it inherited, runs the
+stage's entry function and exits with its code, or with ``CRASH_EXIT`` and
+one line when an exception escapes.
+
+Every stage's entry function has one shape::
+
+    run(settings, endpoints, handover) -> exit code
+
+``settings`` and ``endpoints`` are frozen values; ``handover`` holds what the
+supervisor made before the fork and the child inherits (shared memory, an
+opened capture socket, a callable). Inside, ``StageRuntime`` is what every
+stage holds the same way: its ZeroMQ context and sockets, a ``StopFlag``
+that the signal handlers only set ("record in the handler, act in the
+loop"), a ``ParentWatch``, and the ``ControlChannel`` that carries its
+counters (``flowmeter.ipc.counters``) and errors to the supervisor.
+
+A child whose supervisor dies ends by itself: a capture gets SIGTERM from
+the kernel (``PR_SET_PDEATHSIG``) and drains; a worker or the exporter keeps
+going until its producers have ended, at most ``ORPHAN_GRACE_S``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+import zmq
+
+from flowmeter.ipc.counters import RoleCounters
+from flowmeter.ipc.logs import LOGGER, setup_logging
+from flowmeter.ipc.schema import ErrorReport, Report
+
+STOP_DEADLINE_S = 30.0  # per stage, before SIGKILL
+ORPHAN_GRACE_S = STOP_DEADLINE_S  # a worker or exporter without supervisor waits this long for its producers
+CRASH_EXIT = 70  # a child's exit code for an unexpected exception (sysexits EX_SOFTWARE)
+PROGRESS_S = 0.5  # a child's counters reach the supervisor this often
+CONTROL_LINGER_MS = 2000  # at exit, the last counters wait this long for the supervisor
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+def _prctl(option: int, arg: Any) -> bool:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(option, arg, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def set_process_name(name: str) -> None:
+    """Name the process for ps/top (``fm-worker-1``); Linux keeps 15 characters."""
+    import ctypes
+
+    _prctl(PR_SET_NAME, ctypes.c_char_p(f"fm-{name}"[:15].encode()))
+
+
+def end_with_parent() -> None:
+    """Get SIGTERM when the supervisor dies (killed, say): this process then drains as on a stop."""
+    if _prctl(PR_SET_PDEATHSIG, signal.SIGTERM) and os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)  # the supervisor died before the request was made
+
+
+def child_main(name: str, target: Callable[..., int], args: tuple, nice: int = 0, foreign: tuple = (),
+               pdeathsig: bool = False) -> None:
+    """Entry of every child: its name, log lines, priority, fresh signal state; one line and a reserved code on a crash.
+
+    ``foreign`` are the live sources other processes read: this child's
+    copies are closed. ``pdeathsig``: SIGTERM when the supervisor dies.
+    """
+    set_process_name(name)
+    setup_logging(name)
+    if pdeathsig:
+        end_with_parent()
+    for source in foreign:
+        source.close()
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+    try:
+        code = target(*args)
+    except Exception as exc:  # the top of a process: one line, one exit code
+        sys.stderr.write(f"flowmeter: {name}: {type(exc).__name__}: {exc}\n")
+        if os.environ.get("FLOWMETER_DEBUG"):
+            traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(CRASH_EXIT)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
+class ParentWatch:
+    """Whether this child's supervisor is gone, and for how long (its parent changed: reparented).
+
+    A worker or the exporter whose supervisor died keeps going until its
+    producers end (the captures drain: they get SIGTERM when it dies), but
+    no longer than ``ORPHAN_GRACE_S``: a pipeline never outlives its
+    supervisor for good.
+    """
+
+    def __init__(self) -> None:
+        self.parent = os.getppid()
+        self.since = 0.0
+
+    def expired(self, now: float) -> bool:
+        if os.getppid() == self.parent:
+            return False
+        self.since = self.since or now
+        return now - self.since >= ORPHAN_GRACE_S
+
+
+class StopFlag:
+    """The signals a stage acts on, recorded by their handlers and read by its loop.
+
+    SIGTERM and SIGINT ask for a stop (a second one, while draining, for a
+    stop at once); SIGHUP asks for a reload where the stage reloads
+    (``reload=True``) and is ignored elsewhere. ``set()`` asks for a stop
+    from the program itself (a test, a supervisor that is gone).
+    Handlers are installed only from the main thread (a stage run in a
+    thread, in tests, is stopped with ``set()``) and put back by ``restore()``.
+    """
+
+    def __init__(self, reload: bool = False) -> None:
+        self.reload = reload
+        self.stops = 0  # stop requests so far
+        self._reloads = 0
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self._old[s] = signal.signal(s, self._on_signal)
+            self._old[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_signal if self.reload else signal.SIG_IGN)
+        return self
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGHUP:
+            self._reloads += 1
+        else:
+            self.stops += 1
+
+    def set(self) -> None:
+        self.stops += 1
+
+    def __bool__(self) -> bool:
+        return self.stops > 0
+
+    def take_reloads(self) -> int:
+        """SIGHUPs received since the last call."""
+        n, self._reloads = self._reloads, 0
+        return n
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old.clear()
+
+
+class ControlChannel:
+    """A child's line to the supervisor: its counters (``progress``, rate-limited; ``final``) and errors."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, sender: str) -> None:
+        self.sender = sender
+        self._sock = ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.LINGER, CONTROL_LINGER_MS)
+        self._sock.connect(endpoint)
+        self._last = time.monotonic()
+
+    def progress(self, counters: Callable[[], RoleCounters], now: float | None = None) -> None:
+        """Send ``counters()`` if ``PROGRESS_S`` has passed since the last time (the call is cheap otherwise)."""
+        now = time.monotonic() if now is None else now
+        if now - self._last >= PROGRESS_S:
+            self._sock.send(Report(self.sender, counters()).pack())
+            self._last = now
+
+    def final(self, counters: RoleCounters) -> None:
+        self._sock.send(Report(self.sender, counters, final=True).pack())
+
+    def error(self, role: str, message: str) -> None:
+        self._sock.send(ErrorReport(self.sender, role, message).pack())
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class StageRuntime:
+    """What every stage process holds the same way while its ``run()`` lasts (see the module notes).
+
+    ``control`` None: the stage runs without a supervisor (``flowmeter
+    exporter``, tests): no control channel, no parent watch. Sockets made
+    with ``socket()`` are closed, and the context ended, by ``close()``.
+    """
+
+    def __init__(self, name: str, role: str, control: str | None, *, reload: bool = False,
+                 stop: StopFlag | None = None) -> None:
+        self.name, self.role = name, role
+        self.stop = stop if stop is not None else StopFlag(reload).install()
+        self.ctx = zmq.Context()
+        self._sockets: list[tuple[zmq.Socket, int | None]] = []
+        self.control = ControlChannel(self.ctx, control, name) if control else None
+        self._parent = ParentWatch() if control else None
+
+    def socket(self, kind: int, *, bind: str | None = None, connect: str | None = None, send_hwm: int | None = None,
+               receive_hwm: int | None = None, linger_ms: int | None = None, close_linger_ms: int | None = None) -> zmq.Socket:
+        """A socket of this process, options set before it binds or connects; ``close_linger_ms`` at close."""
+        sock = self.ctx.socket(kind)
+        for option, value in ((zmq.SNDHWM, send_hwm), (zmq.RCVHWM, receive_hwm), (zmq.LINGER, linger_ms)):
+            if value is not None:
+                sock.setsockopt(option, value)
+        if bind:
+            sock.bind(bind)
+        if connect:
+            sock.connect(connect)
+        self._sockets.append((sock, close_linger_ms))
+        return sock
+
+    def orphaned(self, now: float) -> bool:
+        """True (and a stop asked) once the supervisor has been gone for ``ORPHAN_GRACE_S``."""
+        if self._parent is not None and self._parent.expired(now):
+            self.stop.set()
+            return True
+        return False
+
+    def progress(self, counters: Callable[[], RoleCounters], now: float | None = None) -> None:
+        if self.control is not None:
+            self.control.progress(counters, now)
+
+    def final(self, counters: RoleCounters) -> None:
+        if self.control is not None:
+            self.control.final(counters)
+
+    def error(self, message: str) -> None:
+        """An error for the operator: to the supervisor, or logged when there is none."""
+        if self.control is not None:
+            self.control.error(self.role, message)
+        else:
+            logging.getLogger(f"{LOGGER}.{self.role}").error("%s", message)
+
+    def close(self) -> None:
+        for sock, linger in self._sockets:
+            sock.close(linger)
+        if self.control is not None:
+            self.control.close()
+        self.ctx.term()
+        self.stop.restore()
+
+    def __enter__(self) -> StageRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,190 @@
+"""What a pipeline tells the operator: the summary, per-source lines, the status file, ``flowmeter status``.
+
+The supervisor keeps one ``ChildInfo`` per child with the last counters it
+reported (``flowmeter.ipc.counters``); a ``PipelineReport`` reads them:
+
+* ``totals()``: the counters of each role, summed over its processes
+  (``replay --stats`` writes them as JSON);
+* ``summary()``: the lines printed when a pipeline ends (packets, flows,
+  records by flowEndReason, what was not metered and why, per collector
+  what was sent and not sent, per live source its own counts);
+* ``source_lines()``: one line per live source, logged every 10 s;
+* ``write_status()``: the status file in the run's private directory,
+  rewritten whole every second, which ``flowmeter status`` reads
+  (``running_status``, ``describe_runs``).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from flowmeter.ipc.counters import BY_ROLE, END_REASONS, RoleCounters, merge, to_wire
+
+STATUS_FILE = "status.json"
+STATUS_WRITE_S = 1.0  # the status file is rewritten this often
+SOURCE_LOG_S = 10.0  # a line per live source this often in the run's log
+ROLES = ("capture", "worker", "exporter")
+
+
+@dataclass
+class ChildInfo:
+    """The supervisor's view of one child: its process and the last counters it reported."""
+
+    name: str
+    role: str
+    process: Any  # multiprocessing.Process
+    counters: RoleCounters | None = None
+    error: str = ""
+    ended_s: float = 0.0  # when it exited, seconds after the pipeline started
+
+
+class PipelineReport:
+    """Reports of one pipeline (see the module notes); ``children`` is the supervisor's live list."""
+
+    def __init__(self, children: list[ChildInfo], *, profile: str, sources: list[str], what: str, workers: int,
+                 captures: int, err: TextIO, progress: bool) -> None:
+        self.children = children
+        self.profile = profile
+        self.sources = sources
+        self.what = what  # "2 capture file(s), 1 live source(s)"
+        self.workers, self.captures = workers, captures
+        self.err = err
+        self.progress = progress
+        self.started = 0.0  # time.monotonic() when the children were started
+        self.elapsed = 0.0  # seconds the pipeline ran, once it ended
+        self._status_written = 0.0
+        self._sources_logged = 0.0
+
+    def _seconds(self) -> float:
+        return max(self.elapsed or time.monotonic() - self.started, 1e-9)
+
+    def totals(self) -> dict[str, RoleCounters]:
+        """The counters of every role, summed over its processes (zero for a role with none)."""
+        out = {}
+        for role in ROLES:
+            values = [c.counters for c in self.children if c.role == role and c.counters is not None]
+            out[role] = merge(values) if values else BY_ROLE[role]()
+        return out
+
+    def summary(self) -> str:
+        t = self.totals()
+        cap, wrk, exp = t["capture"], t["worker"], t["exporter"]
+        dt = self._seconds()
+        lines = [
+            f"{self.what}, {cap.frames:,} frames, {cap.packets:,} packets metered ({cap.octets:,} layer-3 octets) "
+            f"in {dt:.2f} s = {cap.packets / dt:,.0f} packets/s with {self.workers} worker(s)"
+            + (f" and {self.captures} capture processes" if self.captures > 1 else ""),
+            f"flows: {wrk.flows:,}; records: {wrk.records_out:,} "
+            f"({', '.join(f'{k} {wrk.end_reasons[k]:,}' for k in END_REASONS if wrk.end_reasons.get(k))})",
+        ]
+        lost = {**cap.not_metered, "other direction": cap.other_direction, **wrk.dropped}
+        for cause, n in exp.dropped.items():
+            lost[cause] = lost.get(cause, 0) + n
+        lines.append("not metered: " + (", ".join(f"{k} {v:,}" for k, v in sorted(lost.items()) if v) or "none"))
+        for name, c in exp.collectors.items():
+            lines.append(f"collector {name}: {c.messages:,} messages, {c.flow_records:,} records sent, "
+                         f"{c.not_sent_records:,} not sent")
+        if not exp.collectors:
+            lines.append("exporting is off: no records were sent")
+        return "\n".join(lines + self.source_lines())
+
+    def source_lines(self) -> list[str]:
+        """Per live source: packets metered, rate, what it did not meter, the kernel's and the source's counts."""
+        lines = []
+        dt = self._seconds()
+        for c in self.children:
+            s = c.counters
+            if c.role != "capture" or s is None or not s.source:
+                continue
+            extra = "".join(f", {k} {v:,}" for k, v in s.source_counters.items())
+            lines.append(f"{c.name} {s.source}: {s.packets:,} packets metered ({s.packets / dt:,.0f}/s), "
+                         f"not metered {sum(s.not_metered.values()):,}{extra}")
+        return lines
+
+    def log_sources(self, now: float, final: bool = False) -> None:
+        """The per-source lines on the run's log (stderr), every ``SOURCE_LOG_S`` or at the end."""
+        if not final and now - self._sources_logged < SOURCE_LOG_S:
+            return
+        self._sources_logged = now
+        for line in self.source_lines():
+            self.err.write(f"flowmeter: {line}\n")
+        self.err.flush()
+
+    def show_progress(self) -> None:
+        """The replay's progress line on a terminal: share of the files read, packets, rate."""
+        if not self.progress:
+            return
+        cap = [c.counters for c in self.children if c.role == "capture" and c.counters is not None]
+        done = sum(s.file_octets for s in cap)
+        size = sum(s.file_size for s in cap) or 1
+        packets = sum(s.packets for s in cap)
+        self.err.write(f"\r\033[Kreplay: {100 * done / size:5.1f}%  {packets:,} packets  "
+                       f"{packets / self._seconds():,.0f} packets/s")
+        self.err.flush()
+
+    def end_progress(self) -> None:
+        if self.progress:
+            self.err.write("\r\033[K")
+
+    def write_status(self, rundir: str, now: float) -> None:
+        """The live counters in the runtime directory, for ``flowmeter status`` (rewritten whole, atomically)."""
+        if now - self._status_written < STATUS_WRITE_S:
+            return
+        self._status_written = now
+        doc = {"pid": os.getpid(), "profile": self.profile, "uptime_s": round(now - self.started, 1),
+               "sources": self.sources, "lines": self.source_lines(),
+               "children": {c.name: {"role": c.role, "pid": c.process.pid, "alive": c.process.exitcode is None,
+                                     "counters": to_wire(c.counters) if c.counters is not None else {}}
+                            for c in self.children}}
+        tmp = os.path.join(rundir, STATUS_FILE + ".new")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(doc, f)
+            os.replace(tmp, os.path.join(rundir, STATUS_FILE))
+        except OSError:
+            pass  # the status file is a convenience; metering goes on
+
+
+def running_status(base: str | None = None) -> list[dict]:
+    """The status of every flowmeter run this user can see (their runtime directories under ``base``)."""
+    base = base or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    out = []
+    for path in sorted(glob.glob(os.path.join(base, "flowmeter-*", STATUS_FILE))):
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("pid"), int) and _alive(doc["pid"]):
+            out.append(doc)
+    return out
+
+
+def describe_runs(runs: list[dict]) -> str:
+    """``flowmeter status`` as text: per run its sources' lines and each process's counts."""
+    lines = []
+    for doc in runs:
+        lines.append(f"pid {doc['pid']}, profile {doc.get('profile')}, up {doc.get('uptime_s', 0):,.0f} s, "
+                     f"sources: {', '.join(doc.get('sources', []))}")
+        lines.extend(f"  {line}" for line in doc.get("lines", []))
+        for name, child in sorted(doc.get("children", {}).items()):
+            c = child.get("counters", {})
+            lines.append(f"  {name}: pid {child.get('pid')}, {'running' if child.get('alive') else 'ended'}"
+                         + (f", {c.get('packets', 0):,} packets" if 'packets' in c else "")
+                         + (f", {c.get('records_out', 0):,} records" if 'records_out' in c else ""))
+    return "\n".join(lines)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
