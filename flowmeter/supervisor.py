@@ -43,7 +43,9 @@ import zmq
 from exporter import process as exporter_process
 from exporter.exporting import ExportSettings
 from flowmeter.capture import process as capture_process
-from flowmeter.capture.sources import OPENED_BEFORE_FORK, SourceSpec, open_source
+from flowmeter.capture.sources import SourceSpec
+from flowmeter.capture.sources.afpacket import NEW_GROUP
+from flowmeter.capture.sources.live import OPENED_BEFORE_FORK, open_source
 from flowmeter.config import Profile, load_profile
 from flowmeter.ipc.batchring import BatchRing
 from flowmeter.ipc.lifecycle import STOP_DEADLINE_S, child_main
@@ -145,8 +147,6 @@ class Supervisor:
     def _open_live(self) -> list[tuple]:
         """(spec, source) per live capture process; sources that need root are opened now, before
         any child is forked and before root is given up; a feed is opened by its own process."""
-        from flowmeter.capture.sources.afpacket import NEW_GROUP
-
         opened: list[tuple] = []
         try:
             for spec in self.live:
@@ -187,7 +187,7 @@ class Supervisor:
 
     def _run(self, rundir: str, opened: list) -> int:
         producers = self.captures + len(opened)
-        # Each capture process's packet batches reach the workers through shared memory (batchring.py).
+        # Each capture process's packet batches reach the workers through shared memory (ipc/batchring.py).
         try:
             rings = {f"capture-{i}": BatchRing(self.workers, capture_process.BATCH_PACKETS)
                      for i in range(producers)}

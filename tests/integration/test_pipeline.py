@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -270,3 +271,26 @@ def test_a_crashed_worker_stops_the_pipeline_with_its_error(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert re.search(r"^flowmeter: worker-1 \(pid \d+\) killed by signal 9", err, re.M), err
+
+
+@pytest.mark.parametrize("command", ["replay", "run"])
+def test_every_process_log_line_names_its_process_on_the_commands_stderr(tmp_path, command):
+    cap = tmp_path / "few.pcap"
+    write_pcap(cap, [(T0 + i * S, ethernet_ipv4_udp("10.0.0.1", "192.0.2.1", 1000 + i, 53)) for i in range(5)])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # a port where nothing listens: sends fail
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps({"FlowMetadata": {"IpFixCollectors": [f"Udp/127.0.0.1:{port}"],
+                                                    "Sources": [f"pcap:{cap}"], "StatisticsIntervalSeconds": 0}}))
+    args = ["run", "--profile", str(profile)] if command == "run" else ["replay", str(cap), "--profile", str(profile)]
+    r = flowmeter(*args)
+    assert r.returncode == 0, r.stderr
+    collector = f"collector Udp/127.0.0.1:{port}"
+    lines = r.stderr.splitlines()
+    # the exporter's info line (what the kernel granted) and its warning (what could not be sent) both
+    # reach the command's stderr, named after the process that wrote them
+    assert any(re.match(rf"flowmeter: exporter: {collector}: send buffer \d+ octets granted", x) for x in lines), lines
+    assert any(re.match(rf"flowmeter: exporter: {collector}: \d+ messages not sent", x) for x in lines), lines
+    # and no process's line lacks the prefix: the only others are the summary's
+    assert all(x.startswith(("flowmeter: ", f"{collector}: ")) for x in lines if collector in x), lines

@@ -130,30 +130,3 @@ class Source(Protocol):
 
 class SourceError(OSError):
     """A source that cannot be opened; the message is one line naming it and the cause."""
-
-
-# Opened by the supervisor before it gives up root (the socket needs privileges); a feed is
-# opened by its own capture process instead (a ZeroMQ socket must not cross a fork).
-OPENED_BEFORE_FORK = ("afpacket", "nflog")
-
-
-def open_source(spec: SourceSpec, profile, fanout_group: int | None = None) -> Source:
-    """The live source for ``spec`` with the profile's capture settings; ``SourceError`` if it cannot be opened."""
-    try:
-        if spec.kind == "afpacket":
-            from flowmeter.capture.sources.afpacket import AfPacketSource
-
-            return AfPacketSource(spec.target, fanout_group=fanout_group, snaplen=profile.snap_length,
-                                  bpf_filter=profile.capture_filter or None)
-        if spec.kind == "nflog":
-            from flowmeter.capture.sources.nflog import NflogSource
-
-            return NflogSource(int(spec.target), copy_range=profile.snap_length)
-        if spec.kind == "feed":
-            from flowmeter.capture.sources.feed import FeedSource
-
-            return FeedSource(spec.target, drop_reasons=profile.drop_prefixes)
-    except OSError as exc:
-        message = exc.strerror if exc.strerror and not str(exc).startswith(str(spec)) else str(exc)
-        raise SourceError(message if message.startswith(str(spec)) else f"{spec}: {message}") from None
-    raise SourceError(f"{spec}: not a live source")

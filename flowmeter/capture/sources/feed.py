@@ -123,7 +123,7 @@ class FeedSource:
 
     def _error(self, why: str) -> SourceError:
         exc = SourceError(f"{self.name}: cannot bind: {why}")
-        exc.strerror = f"cannot bind: {why}"  # what sources.open_source puts after the source's name
+        exc.strerror = f"cannot bind: {why}"  # what sources.live.open_source puts after the source's name
         return exc
 
     def _bound_inode(self) -> tuple[int, int] | None:
