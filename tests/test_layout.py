@@ -22,6 +22,7 @@ is still a cycle.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,18 @@ def test_checker_finds_forbidden_arrows():
         "workers.process -> flowmeter.capture.decode: a stage imports only the contracts (flowmeter.ipc, "
         "flowmeter.jit)",
     ]
+
+
+def test_the_readme_package_map_names_every_module_of_the_control_plane_contracts_and_capture():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("### Package map", 1)[1].split("```", 2)[1]
+    words = set(re.findall(r"[\w.]+", block))
+    for directory in ("flowmeter", "flowmeter/ipc", "flowmeter/capture"):
+        for path in sorted((ROOT / directory).glob("*.py")):
+            if path.name != "__init__.py":
+                assert path.name in words, f"{directory}/{path.name} is not in the README's package map"
+    for path in sorted((ROOT / "flowmeter" / "capture" / "sources").glob("*.py")):
+        if path.name != "__init__.py":
+            assert path.stem in words, f"sources/{path.name} is not in the README's package map"
+    for directory in ("ipc/", "capture/", "sources/", "workers/", "exporter/", "support/", "bench/"):
+        assert directory in block, directory
