@@ -159,7 +159,8 @@ def counters(exporter: Exporter) -> ExporterCounters:
                             cpu_s=round(time.process_time(), 3))
 
 
-def run(settings: ExporterSettings, endpoints: ExporterEndpoints, handover: ExporterHandover = ExporterHandover()) -> int:
+def run(settings: ExporterSettings, endpoints: ExporterEndpoints,
+        handover: ExporterHandover = ExporterHandover()) -> int:
     """Run the exporter until SIGTERM/SIGINT, a stop from ``handover.stop``, or end-of-stream from every producer.
 
     On SIGHUP, ``handover.reload()`` gives new settings (collectors, sizes,

@@ -217,8 +217,9 @@ class StageRuntime:
         self.control = ControlChannel(self.ctx, control, name) if control else None
         self._parent = ParentWatch() if control else None
 
-    def socket(self, kind: int, *, bind: str | None = None, connect: str | None = None, send_hwm: int | None = None,
-               receive_hwm: int | None = None, linger_ms: int | None = None, close_linger_ms: int | None = None) -> zmq.Socket:
+    def socket(self, kind: int, *, bind: str | None = None, connect: str | None = None,
+               send_hwm: int | None = None, receive_hwm: int | None = None, linger_ms: int | None = None,
+               close_linger_ms: int | None = None) -> zmq.Socket:
         """A socket of this process, options set before it binds or connects; ``close_linger_ms`` at close."""
         sock = self.ctx.socket(kind)
         for option, value in ((zmq.SNDHWM, send_hwm), (zmq.RCVHWM, receive_hwm), (zmq.LINGER, linger_ms)):
