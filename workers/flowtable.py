@@ -8,10 +8,16 @@ found through an open-addressing index; the per-packet loop is one numba
 kernel (``update_flow_table``), and expiry (timers, sweep, eviction) is a
 handful of kernels beside it.
 
-Why expiry is not a module of its own (``workers/expiry.py``): numba's
-on-disk cache is invalidated only by changes to the file that defines the
-cached function; a kernel calling into another module keeps running the old
-compiled code after that module changed. One module keeps the cache honest.
+Why one module of about 900 lines, expiry included: its kernels call each
+other both ways. The packet loop runs the timers, the sweep and the eviction
+inside it, and they end flows through the record writer (``_emit``,
+``_end``) and the index removal (``_remove``) that the loop uses too, all
+over one row layout. Expiry moved alone into ``workers/expiry.py`` would
+import this module and be imported by it, an import cycle, which
+tests/test_layout.py forbids; avoiding it takes a third module, the layout,
+the index and the record writer, below both expiry and the packet loop. So
+the kernels stay together here. (Numba's cache is no reason either way: a
+cached kernel is stamped with every module it imports, flowmeter/jit.py.)
 
 Flow key: ``(ip_version, proto, src, dst, sport, dport, icmp, direction,
 fwd_status, ifindex)``. Per flow: first/last packet time, packets, octets
@@ -133,7 +139,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba
+from flowmeter.jit import njit  # first: it sets numba's cache directory before numba is imported
+
 import numpy as np
 import numpy.typing as npt
 from llvmlite import ir
@@ -221,13 +228,13 @@ def _prefetch(typingctx, arr, byte_offset):
 
 # --------------------------------------------------------------------------- hashing and probing
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(inline="always")
 def _mix(h, w):
     h = (h ^ w) * _M1
     return h ^ (h >> _S31)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(inline="always")
 def flow_key_hash(src_hi, src_lo, dst_hi, dst_lo, ports, ifx_dirfwd):
     """64-bit hash of a flow key given as six 64-bit words (multiply-xorshift, splitmix64 finaliser)."""
     h = _mix(_mix(_mix(_mix(_mix(_mix(_M0, src_hi), src_lo), dst_hi), dst_lo), ports), ifx_dirfwd)
@@ -236,7 +243,7 @@ def flow_key_hash(src_hi, src_lo, dst_hi, dst_lo, ports, ifx_dirfwd):
     return h ^ (h >> _S31)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(inline="always")
 def _packet_key(pk, i):
     """Packet ``i``'s key as stored in a row: ``(src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, dirfwd)``."""
     ports = (np.uint64(pk[i].sport) | (np.uint64(pk[i].dport) << _U16) | (np.uint64(pk[i].icmp) << _U32)
@@ -245,18 +252,18 @@ def _packet_key(pk, i):
     return pk[i].src_hi, pk[i].src_lo, pk[i].dst_hi, pk[i].dst_lo, ports, np.uint64(pk[i].ifindex), dirfwd
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(inline="always")
 def _packet_hash(pk, i):
     src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, dirfwd = _packet_key(pk, i)
     return flow_key_hash(src_hi, src_lo, dst_hi, dst_lo, ports, ifindex | (dirfwd << _U32))
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(inline="always")
 def _home(tag, cap):
     return np.int64((tag * np.uint64(cap)) >> _U32)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(inline="always")
 def _find(slots, rows, h, src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, dirfwd):
     """``(slot, row)`` of a key; ``row == -1`` if absent, ``slot`` then being where it would go."""
     cap = slots.shape[0]
@@ -277,7 +284,7 @@ def _find(slots, rows, h, src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, dirfwd
             i = 0
 
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def _delete_slot(slots, i):
     """Empty slot ``i`` by shifting the rest of its cluster back (Knuth 6.4, Algorithm R)."""
     cap = slots.shape[0]
@@ -298,7 +305,7 @@ def _delete_slot(slots, i):
     slots[i] = 0
 
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def _remove(slots, rows, times, st, r):
     """Take row ``r`` out of the index and put it on the free list."""
     cap = slots.shape[0]
@@ -320,7 +327,7 @@ def _remove(slots, rows, times, st, r):
 
 # --------------------------------------------------------------------------- records
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def _emit(out, n, rows, times, r, reason, st):
     p = rows[r].ports
     df = np.uint64(rows[r].dirfwd)
@@ -347,7 +354,7 @@ def _emit(out, n, rows, times, r, reason, st):
     return n + 1
 
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def _end(slots, rows, times, st, out, n, r, reason):
     """Emit row ``r``'s last record (none if it holds no packet since its last report), remove it."""
     if times[r, FIRST] != NO_PACKETS:
@@ -358,7 +365,7 @@ def _end(slots, rows, times, st, out, n, r, reason):
 
 # --------------------------------------------------------------------------- timers
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(inline="always")
 def due_reason(first_ns: int, last_ns: int, now_ns: int, idle_timeout_ns: int, interval_ns: int) -> int:
     """The end reason of the timer that is due for a flow at ``now_ns``, or 0 if none is.
 
@@ -375,7 +382,7 @@ def due_reason(first_ns: int, last_ns: int, now_ns: int, idle_timeout_ns: int, i
     return 0
 
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def _fire_due(slots, rows, times, st, out, n, r, now):
     """Fire row ``r``'s timers due at ``now`` (at most one record): ``(n, still in the table)``."""
     reason = due_reason(times[r, FIRST], times[r, LAST], now, st[IDLE], st[INTERVAL])
@@ -393,7 +400,7 @@ def _fire_due(slots, rows, times, st, out, n, r, now):
     return n, True
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(inline="always")
 def _advance(st, now):
     """Move the clock forward to ``now`` and owe the sweep its rows for the elapsed time.
 
@@ -415,7 +422,7 @@ def _advance(st, now):
         st[CARRY] += dt * SWEEPS_PER_S * st[USED_ROWS]
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(inline="always")
 def _sweep_owed(st):
     """True when the sweep owes a chunk of rows (or a whole pass): the packet loop sweeps only then.
 
@@ -428,7 +435,7 @@ def _sweep_owed(st):
     return st[TO_SCAN] > 0 or (used > 0 and st[CARRY] >= chunk * SWEEP_NS)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(inline="always")
 def _settle(st):
     """Turn the row·ns owed into whole rows to visit, at most one pass."""
     rows = st[CARRY] // SWEEP_NS
@@ -437,7 +444,7 @@ def _settle(st):
     st[TO_SCAN] = todo if todo < st[USED_ROWS] else st[USED_ROWS]
 
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def _sweep(slots, rows, times, st, out, n):
     """Visit ``st[TO_SCAN]`` rows from the cursor, firing due timers; stops early when ``out`` is full."""
     cur = st[CURSOR]
@@ -464,7 +471,7 @@ def _sweep(slots, rows, times, st, out, n):
 
 # --------------------------------------------------------------------------- pressure
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def oldest_threshold(times, used_rows: int, k: int, hist) -> tuple[int, int]:
     """``(t, ties)``: the k-th smallest ``last_ns`` among used rows, and how many rows equal to ``t`` to take.
 
@@ -509,7 +516,7 @@ def oldest_threshold(times, used_rows: int, k: int, hist) -> tuple[int, int]:
     return lo, k
 
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def _evict_oldest(slots, rows, times, st, hist, out, n):
     """Free ``st[EVICT_N]`` rows: the flows with the least recent last packet, in one wave."""
     used = st[USED_ROWS]
@@ -530,7 +537,7 @@ def _evict_oldest(slots, rows, times, st, hist, out, n):
 
 # --------------------------------------------------------------------------- kernels
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def update_flow_table(pk, start, end_now, slots, rows, rows_u8, times, st, hist, out, n):
     """Meter packets ``pk[start:]``, then advance the clock to ``end_now`` (-1: no tick).
 
@@ -682,7 +689,7 @@ def update_flow_table(pk, start, end_now, slots, rows, rows_u8, times, st, hist,
     return npk, n, DONE
 
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def rehash(old, new):
     """Move every entry of the index ``old`` into the empty, larger index ``new`` (its homes
     come from the tags the slots keep: no row is read)."""
@@ -698,7 +705,7 @@ def rehash(old, new):
             new[pos] = s
 
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def flush_flow_table(slots, rows, times, st, out, reason):
     """End every flow: one record each (its due timer's reason, else ``reason``); ``out`` must hold them.
 
