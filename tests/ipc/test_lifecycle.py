@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import pytest
 import zmq
 
 from flowmeter.ipc import lifecycle
@@ -88,37 +89,37 @@ def _orphan(endpoint: str) -> None:
     os._exit(0)
 
 
-def test_a_child_whose_supervisor_died_ends_after_the_grace_period(tmp_path, monkeypatch):
-    monkeypatch.setattr(lifecycle, "ORPHAN_GRACE_S", 0.3)
-    endpoint = f"ipc://{tmp_path}/orphan"
+@pytest.fixture
+def pull(tmp_path):
+    """(PULL socket, its endpoint): bound on a fresh ipc endpoint, as the supervisor's control socket."""
     ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    pull.bind(endpoint)
+    sock = ctx.socket(zmq.PULL)
+    endpoint = f"ipc://{tmp_path}/pull"
+    sock.bind(endpoint)
+    yield sock, endpoint
+    sock.close(0)
+    ctx.term()
+
+
+def test_a_child_whose_supervisor_died_ends_after_the_grace_period(pull, monkeypatch):
+    monkeypatch.setattr(lifecycle, "ORPHAN_GRACE_S", 0.3)
+    pull, endpoint = pull
     proc = multiprocessing.get_context("fork").Process(target=_orphan, args=(endpoint,))
     proc.start()
     proc.join(5)
     assert pull.poll(15000)
-    waited = float(pull.recv_string())
-    pull.close(0)
-    ctx.term()
-    assert 0.3 <= waited < 5
+    assert 0.3 <= float(pull.recv_string()) < 5
 
 
-def test_the_runtime_reports_to_its_supervisor_over_the_control_channel(tmp_path, monkeypatch):
+def test_the_runtime_reports_to_its_supervisor_over_the_control_channel(pull, monkeypatch):
     monkeypatch.setattr(lifecycle, "PROGRESS_S", 0.0)
-    endpoint = f"ipc://{tmp_path}/control"
-    ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    pull.bind(endpoint)
-    stop = StopFlag()
-    with StageRuntime("worker-0", "worker", endpoint, stop=stop) as rt:
+    pull, endpoint = pull
+    with StageRuntime("worker-0", "worker", endpoint, stop=StopFlag()) as rt:
         rt.progress(lambda: WorkerCounters(packets=1))
         rt.error("worker-0: something to say")
         rt.final(WorkerCounters(packets=2))
         assert not rt.orphaned(time.monotonic())
     got = [parse_control(pull.recv()) for _ in range(3)]
-    pull.close(0)
-    ctx.term()
     assert got == [Report("worker-0", WorkerCounters(packets=1)), ErrorReport("worker-0", "worker",
                                                                               "worker-0: something to say"),
                    Report("worker-0", WorkerCounters(packets=2), final=True)]
