@@ -17,13 +17,13 @@ from flowmeter.capture.process import Capture, CaptureSettings
 from flowmeter.capture.sources import pcapfile
 from flowmeter.ipc.batchring import BatchRing
 from tests.support.pcapwrite import ethernet_ipv4_tcp, ethernet_ipv6_udp, write_pcap
-from workers import flowtable, records
+from workers import expiry, flowrows, flowtable, records
 from workers.process import Worker, WorkerSettings
 
 
 def _versions() -> dict[str, int]:
     out = {}
-    for module in (decode, pcapfile, shard, flowtable, records, capture):
+    for module in (decode, pcapfile, shard, flowrows, expiry, flowtable, records, capture):
         for name in dir(module):
             kernel = getattr(module, name)
             if hasattr(kernel, "signatures") and hasattr(kernel, "py_func"):
