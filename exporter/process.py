@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import zmq
@@ -68,55 +68,54 @@ class ExporterHandover:
     stop: StopFlag | None = None  # stop it from another thread (tests); else signals do
 
 
-@dataclass
-class ExporterStats:
-    batches: int = 0
-    records: int = 0
-    producers_done: set[str] = field(default_factory=set)
-    dropped: dict[str, int] = field(default_factory=dict)
-    gaps: int = 0
-
-    def drop(self, cause: str) -> None:
-        self.dropped[cause] = self.dropped.get(cause, 0) + 1
-
-
 class Exporter:
     """The receiving end of the exporter: schema checks in front of an ``ExportingProcess``."""
 
     def __init__(self, settings: ExportSettings) -> None:
         self.exporting = ExportingProcess(settings)
-        self.stats = ExporterStats()
+        self.stats = ExporterCounters()  # what it received and dropped; collectors filled by counters()
+        self.producers_done: set[str] = set()
         self._last_seq: dict[str, int] = {}
+
+    def _drop(self, cause: str) -> None:
+        self.stats.dropped[cause] = self.stats.dropped.get(cause, 0) + 1
+
+    def counters(self) -> ExporterCounters:
+        """The counters so far, with every collector's and this process's CPU time."""
+        collectors = self.exporting.totals()["collectors"]
+        self.stats.collectors = {name: CollectorCounters(**c) for name, c in collectors.items()}
+        self.stats.cpu_s = round(time.process_time(), 3)
+        return self.stats
 
     def handle(self, frames: list, now: float) -> None:
         """Take one multipart message from a producer."""
         try:
             header = parse_header(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
         except SchemaError:
-            self.stats.drop("bad header")
+            self._drop("bad header")
             return
         last = self._last_seq.get(header.sender)
         if last is not None and header.seq != last + 1:
             self.stats.gaps += 1
         self._last_seq[header.sender] = header.seq
         if isinstance(header, EndOfStream):
-            self.stats.producers_done.add(header.sender)
+            self.producers_done.add(header.sender)
             return
         if not isinstance(header, RecordsHeader):
-            self.stats.drop("unexpected kind")
+            self._drop("unexpected kind")
             return
         template = self.exporting.registry.get(header.template)
         if template is None or template.is_options:
-            self.stats.drop("unknown template")
+            self._drop("unknown template")
             return
         if len(frames) != 2:
-            self.stats.drop("bad frame count")
+            self._drop("bad frame count")
             return
         payload = frames[1].buffer if hasattr(frames[1], "buffer") else frames[1]
         try:
             records = records_from_frame(header, template.dtype, payload)
         except SchemaError:
-            self.stats.drop("bad payload")
+            self._drop("bad payload")
             return
         self.stats.batches += 1
         self.stats.records += len(records)
@@ -151,14 +150,6 @@ def _log_send_buffers(exp: ExportingProcess, asked: int) -> None:
             log.info("collector %s: send buffer %d octets granted; %s", s.name, granted, pace)
 
 
-def counters(exporter: Exporter) -> ExporterCounters:
-    st = exporter.stats
-    return ExporterCounters(batches=st.batches, records=st.records, gaps=st.gaps, dropped=dict(st.dropped),
-                            collectors={name: CollectorCounters(**c)
-                                        for name, c in exporter.exporting.totals()["collectors"].items()},
-                            cpu_s=round(time.process_time(), 3))
-
-
 def run(settings: ExporterSettings, endpoints: ExporterEndpoints,
         handover: ExporterHandover = ExporterHandover()) -> int:
     """Run the exporter until SIGTERM/SIGINT, a stop from ``handover.stop``, or end-of-stream from every producer.
@@ -178,7 +169,7 @@ def run(settings: ExporterSettings, endpoints: ExporterEndpoints,
             if handover.ready is not None:
                 handover.ready()
             _export_until_stopped(rt, sock, exporter, producers, handover.reload)
-            rt.final(counters(exporter))
+            rt.final(exporter.counters())
         finally:
             exp.close()
         st = exporter.stats
@@ -212,7 +203,7 @@ def _export_until_stopped(rt: StageRuntime, sock, exporter: Exporter, producers:
             _reload(exp, reload)
         now = time.monotonic()
         rt.orphaned(now)
-        if producers is not None and len(exporter.stats.producers_done) >= producers:
+        if producers is not None and len(exporter.producers_done) >= producers:
             break
         if rt.stop:
             break
@@ -238,14 +229,14 @@ def _export_until_stopped(rt: StageRuntime, sock, exporter: Exporter, producers:
             exp.flush(now)
             last_send = now
         exp.tick(now)
-        rt.progress(lambda: counters(exporter), now)
+        rt.progress(exporter.counters, now)
         if now - last_report >= REPORT_S:
             for line in _collector_report(exp, reported):
                 log.warning(line)
             last_report = now
     # drain: everything already queued on the socket is exported (a short quiet period lets
     # batches still in flight arrive, unless every producer has said it sent its last)
-    all_done = producers is not None and len(exporter.stats.producers_done) >= producers
+    all_done = producers is not None and len(exporter.producers_done) >= producers
     while poller.poll(0 if all_done else DRAIN_QUIET_MS):
         receive_waiting(time.monotonic(), None)
     exp.flush()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import tempfile
 import time
@@ -29,6 +30,8 @@ STATUS_FILE = "status.json"
 STATUS_WRITE_S = 1.0  # the status file is rewritten this often
 SOURCE_LOG_S = 10.0  # a line per live source this often in the run's log
 ROLES = ("capture", "worker", "exporter")
+
+log = logging.getLogger("flowmeter.status")
 
 
 @dataclass
@@ -106,14 +109,13 @@ class PipelineReport:
                          f"not metered {sum(s.not_metered.values()):,}{extra}")
         return lines
 
-    def log_sources(self, now: float, final: bool = False) -> None:
-        """The per-source lines on the run's log (stderr), every ``SOURCE_LOG_S`` or at the end."""
-        if not final and now - self._sources_logged < SOURCE_LOG_S:
+    def log_sources(self, now: float) -> None:
+        """The per-source lines on the run's log, every ``SOURCE_LOG_S``."""
+        if now - self._sources_logged < SOURCE_LOG_S:
             return
         self._sources_logged = now
         for line in self.source_lines():
-            self.err.write(f"flowmeter: {line}\n")
-        self.err.flush()
+            log.info("%s", line)
 
     def show_progress(self) -> None:
         """The replay's progress line on a terminal: share of the files read, packets, rate."""

@@ -25,6 +25,7 @@ going until its producers have ended, at most ``ORPHAN_GRACE_S``.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -52,8 +53,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 def _prctl(option: int, arg: Any) -> bool:
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(option, arg, 0, 0, 0) == 0
     except (OSError, AttributeError):
@@ -62,8 +61,6 @@ def _prctl(option: int, arg: Any) -> bool:
 
 def set_process_name(name: str) -> None:
     """Name the process for ps/top (``fm-worker-1``); Linux keeps 15 characters."""
-    import ctypes
-
     _prctl(PR_SET_NAME, ctypes.c_char_p(f"fm-{name}"[:15].encode()))
 
 
@@ -96,7 +93,7 @@ def child_main(name: str, target: Callable[..., int], args: tuple, nice: int = 0
     try:
         code = target(*args)
     except Exception as exc:  # the top of a process: one line, one exit code
-        sys.stderr.write(f"flowmeter: {name}: {type(exc).__name__}: {exc}\n")
+        logging.getLogger(LOGGER).error("%s: %s", type(exc).__name__, exc)
         if os.environ.get("FLOWMETER_DEBUG"):
             traceback.print_exc()
         sys.stderr.flush()
