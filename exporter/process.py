@@ -14,8 +14,9 @@ wait in the exporting process's queues and the loop polls the socket with
 a timeout that ends when the next ones may leave. Only while a queue is
 full (``ExportingProcess.backlogged``) does it leave batches on the socket,
 which holds the producers back instead of growing without bound. The drain
-at a stop is paced too; a second SIGTERM/SIGINT during it gives up what is
-still queued (counted as not sent) and exits.
+at a stop is paced too; a second stop request (SIGTERM/SIGINT, or the
+supervisor's ``STOP_SIGNAL``) gives up what is still queued (counted as not
+sent) and exits.
 
 Bad input from the socket (not our schema, unknown template, wrong dtype or
 size) is counted per cause and dropped, never fatal.
@@ -28,6 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import zmq
 
 from flowmeter.ipc.counters import CollectorCounters, ExporterCounters
@@ -119,10 +121,12 @@ class Exporter:
             return
         self.stats.batches += 1
         self.stats.records += len(records)
+        if "packetDeltaCount" in template.dtype.names:
+            self.stats.packets += int(records["packetDeltaCount"].sum(dtype=np.uint64))
         self.exporting.export(template, records, header.domain, now)
 
 
-def _collector_report(exp, last: dict) -> list[str]:
+def _collector_report(exp, last: dict, final: bool = False) -> list[str]:
     """One line per collector whose not-sent count grew since the last report."""
     lines = []
     for name, c in exp.totals()["collectors"].items():
@@ -130,7 +134,8 @@ def _collector_report(exp, last: dict) -> list[str]:
         if c["not_sent_messages"] > before:
             causes = ", ".join(f"{k} {v}" for k, v in sorted(c["errors"].items()))
             lines.append(f"collector {name}: {c['not_sent_messages'] - before} messages not sent "
-                         f"({c['last_error'] or 'error'}; totals by cause: {causes}); retrying")
+                         f"({c['last_error'] or ', '.join(c['errors']) or 'error'}; totals by cause: {causes})"
+                         + ("" if final else "; retrying"))
         last[name] = c["not_sent_messages"]
     return lines
 
@@ -245,10 +250,11 @@ def _export_until_stopped(rt: StageRuntime, sock, exporter: Exporter, producers:
     queued = exp.queued()
     if queued:
         log.info("sending the %d queued message(s) before exit", queued)
+    # a stop request while draining, or a stop at once: give up the queue
     stops = rt.stop.stops
-    if not exp.drain(stop=lambda: rt.stop.stops > stops):
+    if not exp.drain(stop=lambda: rt.stop.at_once or rt.stop.stops > stops):
         log.warning("stopped again while draining: queued messages given up (counted as not sent)")
-    for line in _collector_report(exp, reported):
+    for line in _collector_report(exp, reported, final=True):
         log.warning(line)
 
 

@@ -52,6 +52,7 @@ class SessionCounters:
     octets: int = 0
     data_records: int = 0  # all data records (= sum of sequence advances)
     flow_records: int = 0  # flow data records only (exportedFlowRecordTotalCount)
+    packets: int = 0  # packets counted in the flow records sent
     template_messages: int = 0
     not_sent_messages: int = 0
     not_sent_records: int = 0
@@ -232,8 +233,10 @@ class Session:
         self._not_sent(entry.out, entry.pos, n)
         self._advance(entry, n)
 
-    def drop_all(self) -> None:
-        """Everything queued is given up (a stop that cannot wait): counted as not sent."""
+    def drop_all(self, cause: str = "stopped") -> None:
+        """Everything queued is given up (a stop that cannot wait): counted as not sent, under ``cause``."""
+        if self.queued:
+            self.counters.errors[cause] = self.counters.errors.get(cause, 0) + self.queued
         while self.queue:
             self.drop(self.queue[0].out.count)
 
@@ -283,6 +286,8 @@ class Session:
             c.data_records += sent * out.records
             if out.flow:
                 c.flow_records += sent * out.records
+            if out.packets is not None:
+                c.packets += int(np.sum(out.packets[first:first + sent], dtype=np.uint64))
             if out.templates:
                 c.template_messages += sent
                 st.templates_sent_at = now

@@ -43,6 +43,7 @@ UINT32_MAX = 0xFFFF_FFFF
 MAX_EXPORT_RATE = 10_000_000  # messages/s; more than any link carries
 MIN_SOCKET_BUFFER = 65536  # holds the largest message (65507 octets)
 MAX_SOCKET_BUFFER = 1 << 30
+DRAIN_TIMEOUT_S = 5  # default DrainTimeoutSeconds
 _SHOW_MAX = 80  # longest bad value quoted in an error
 _UDP_TARGET = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]+)")
 
@@ -341,6 +342,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("User", "user", str, "", "the name of a user of this system",
             "started as root: every process runs as this user once the capture sockets are open; "
             "empty = stay root", _user),
+    Setting("DrainTimeoutSeconds", "drain_timeout_s", float, DRAIN_TIMEOUT_S, "a number of seconds greater than 0",
+            "on a stop, the longest wait for every cached flow to be exported; past it what is left is "
+            "counted as lost and the run exits 1 (keep systemd's TimeoutStopSec above it)",
+            _seconds(0, inclusive=False)),
     Setting("Workers", "workers", int, 0, "a whole number from 0 to 64",
             "shard workers (flow tables); 0 = chosen for the machine", _within(0, 64)),
     Setting("IdleTimeout", "idle_timeout_ms", int, 15000,
@@ -382,6 +387,7 @@ class Profile:
     capture_filter: str
     meter_export: bool
     user: str
+    drain_timeout_s: float
     workers: int
     idle_timeout_ms: int
     max_flows: int

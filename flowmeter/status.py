@@ -82,7 +82,7 @@ class PipelineReport:
             f"{self.what}, {cap.frames:,} frames, {cap.packets:,} packets metered ({cap.octets:,} layer-3 octets) "
             f"in {dt:.2f} s = {cap.packets / dt:,.0f} packets/s with {self.workers} worker(s)"
             + (f" and {self.captures} capture processes" if self.captures > 1 else ""),
-            f"flows: {wrk.flows:,}; records: {wrk.records_out:,} "
+            f"flows: {wrk.flows:,}; flow records made: {wrk.records_out:,} "
             f"({', '.join(f'{k} {wrk.end_reasons[k]:,}' for k in END_REASONS if wrk.end_reasons.get(k))})",
         ]
         lost = {**cap.not_metered, "other direction": cap.other_direction, **wrk.dropped}
@@ -90,11 +90,45 @@ class PipelineReport:
             lost[cause] = lost.get(cause, 0) + n
         lines.append("not metered: " + (", ".join(f"{k} {v:,}" for k, v in sorted(lost.items()) if v) or "none"))
         for name, c in exp.collectors.items():
-            lines.append(f"collector {name}: {c.messages:,} messages, {c.flow_records:,} records sent, "
-                         f"{c.not_sent_records:,} not sent")
+            lines.append(f"collector {name}: {c.flow_records:,} records ({c.packets:,} packets) sent in "
+                         f"{c.messages:,} messages; {c.not_sent_records:,} records ({c.not_sent_packets:,} packets) "
+                         "not sent")
         if not exp.collectors:
             lines.append("exporting is off: no records were sent")
+        lines.append("lost: " + ("; ".join(self.losses()) or "none"))
         return "\n".join(lines + self.source_lines())
+
+    def losses(self) -> list[str]:
+        """What was metered and did not reach the collectors, by where it was lost (empty: nothing).
+
+        From the last counters each process reported: exact for processes
+        that ended on their own, as of their last report (every
+        ``PROGRESS_S``) for one that was killed.
+        """
+        t = self.totals()
+        cap, wrk, exp = t["capture"], t["worker"], t["exporter"]
+        out = []
+        killed = any(c.role == "exporter" and c.process.exitcode not in (None, 0) for c in self.children)
+        unmetered = cap.packets - wrk.packets
+        if unmetered > 0:
+            out.append(f"{unmetered:,} packets sent to workers that ended before metering them")
+        held = wrk.packets - wrk.packets_out
+        if wrk.active_flows > 0 or held > 0:
+            out.append(f"{wrk.active_flows:,} flows ({max(held, 0):,} packets) held by workers that ended "
+                       "without flushing them")
+        unreceived = wrk.records_out - exp.records
+        if unreceived > 0:
+            out.append(f"{unreceived:,} records ({max(wrk.packets_out - exp.packets, 0):,} packets) "
+                       "made by workers never reached the exporter")
+        for name, c in exp.collectors.items():
+            if c.not_sent_records:
+                causes = ", ".join(f"{k} {v:,}" for k, v in sorted(c.errors.items()))
+                out.append(f"collector {name}: {c.not_sent_records:,} records ({c.not_sent_packets:,} packets) "
+                           f"not sent" + (f" ({causes})" if causes else ""))
+            if c.queued_messages and killed:
+                out.append(f"collector {name}: {c.queued_messages:,} messages still queued when the exporter "
+                           "was killed")
+        return out
 
     def source_lines(self) -> list[str]:
         """Per live source: packets metered, rate, what it did not meter, the kernel's and the source's counts."""

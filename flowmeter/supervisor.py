@@ -14,20 +14,29 @@ this user can enter. What the children report is read by a
 ``PipelineReport`` (``flowmeter.status``).
 
 Signals are recorded by the handler and acted on in the loop, each by one
-method: SIGTERM and a first SIGINT drain (``_drain``), a second SIGINT
-stops at once (``_stop_now``), SIGHUP reloads the collectors
-(``_reload``). Draining is in pipeline order, so nothing metered is lost:
-the capture stops reading and sends end-of-stream to every worker; each
-worker, having it from every capture, flushes its flow table and sends
-end-of-stream to the exporter; the exporter, having it from every worker,
-sends what it holds and exits. A child that dies on its own makes the
-supervisor stop the rest in that order (``_stop_after_crash``) and exit 1
-with the child's error: it never hangs.
+method: SIGTERM or SIGINT drains (``_drain``), a second one stops at once
+(``_stop_now``), SIGHUP reloads the collectors (``_reload``). Only this
+process acts on them: a stop signalled to the whole process group
+(systemd, a terminal's Ctrl-C) reaches the children too, and they ignore
+it (``flowmeter.ipc.lifecycle``); they follow this process's
+``STOP_SIGNAL`` and ``RELOAD_SIGNAL`` instead. Draining is in pipeline
+order, so nothing metered is lost: the capture stops reading and sends
+end-of-stream to every worker; each worker, having it from every capture,
+flushes its flow table and sends end-of-stream to the exporter; the
+exporter, having it from every worker, sends what it holds and exits. The
+drain has a deadline (``DrainTimeoutSeconds``): past it, or on a second
+stop signal, every child ends without waiting (``STOP_NOW_SIGNAL``:
+captures read nothing more, workers do not flush, the exporter gives up its
+queue), each counting what it held in its last report, and the summary
+says what was lost (``PipelineReport.losses``); the run then exits 1. A child that dies on its own makes the supervisor
+stop the rest in that order (``_stop_after_crash``) and exit 1 with the
+child's error: it never hangs.
 """
 from __future__ import annotations
 
 import gc
 import ipaddress
+import logging
 import multiprocessing
 import os
 import shutil
@@ -48,13 +57,16 @@ from flowmeter.capture.sources.afpacket import NEW_GROUP
 from flowmeter.capture.sources.live import OPENED_BEFORE_FORK, open_source
 from flowmeter.config import Profile, load_profile
 from flowmeter.ipc.batchring import BatchRing
-from flowmeter.ipc.lifecycle import STOP_DEADLINE_S, child_main
+from flowmeter.ipc.lifecycle import RELOAD_SIGNAL, STOP_DEADLINE_S, STOP_NOW_SIGNAL, STOP_SIGNAL, child_main
 from flowmeter.ipc.schema import ErrorReport, SchemaError, parse_control
 from flowmeter.status import ChildInfo, PipelineReport
 from flowmeter.warmup import drop_privileges, load_kernels, tune_allocator
 from workers import process as worker_process
 
 WATCH_MS = 100  # the loop wakes at least this often (progress, status file), and at once on a child's exit
+GIVE_UP_S = 2.0  # after a stop at once, the exporter's time to count what it gives up and report
+
+log = logging.getLogger("flowmeter.supervisor")
 
 
 class Supervisor:
@@ -82,11 +94,14 @@ class Supervisor:
         self.report = PipelineReport(self.children, profile=profile.source, what=what, workers=self.workers,
                                      captures=self.captures, err=err,
                                      sources=[str(s) for s in live] + [f"pcap:{f}" for f in files],
-                                     progress=err.isatty() if progress is None else progress)
+                                     progress=bool(files) and not live and err.isatty() if progress is None
+                                     else progress)
         self._signals: list[int] = []
-        self._interrupts = 0
+        self._draining: float | None = None  # time.monotonic() of the first stop signal
+        self._stopped_now = ""  # why the drain was cut short ("" while it was not)
+        self._give_up_by = 0.0  # then the exporter is killed if it has not ended by this time
         self._handlers: dict[int, Callable[[], None]] = {
-            signal.SIGTERM: self._drain, signal.SIGINT: self._interrupt, signal.SIGHUP: self._reload}
+            signal.SIGTERM: self._drain, signal.SIGINT: self._drain, signal.SIGHUP: self._reload}
 
     # --- signals: record in the handler, act in the loop ---------------------
     def _on_signal(self, signum, frame) -> None:
@@ -95,26 +110,37 @@ class Supervisor:
     def _role(self, role: str) -> list[ChildInfo]:
         return [c for c in self.children if c.role == role and c.process.is_alive()]
 
+    def _tell(self, role: str, signum: int) -> None:
+        for c in self._role(role):
+            try:
+                os.kill(c.process.pid, signum)
+            except ProcessLookupError:
+                pass  # it ended meanwhile; its sentinel wakes the loop
+
     def _drain(self) -> None:
-        """SIGTERM (or a first SIGINT): the captures stop reading; the rest drains in order."""
-        for c in self._role("capture"):
-            os.kill(c.process.pid, signal.SIGTERM)
+        """SIGTERM or SIGINT: the captures stop reading, the rest drains in order; a second one stops at once."""
+        if self._draining is not None:
+            self._stop_now("stopped again while draining")
+            return
+        self._draining = time.monotonic()
+        if any(c.process.is_alive() for c in self.children):
+            log.info("stopping: exporting every cached flow (at most %g s; stop again to stop at once)",
+                     self.profile.drain_timeout_s)
+        self._tell("capture", STOP_SIGNAL)
 
-    def _interrupt(self) -> None:
-        """SIGINT: the first drains, the second stops at once."""
-        self._interrupts += 1
-        (self._stop_now if self._interrupts >= 2 else self._drain)()
-
-    def _stop_now(self) -> None:
-        """A second SIGINT: every child is killed at once (cached flows are lost)."""
-        for c in self.children:
-            if c.process.is_alive():
-                c.process.kill()
+    def _stop_now(self, why: str) -> None:
+        """A second stop signal, or the drain deadline: every child ends without waiting, its last report
+        counting what it held (lost); one still there after ``GIVE_UP_S`` is killed."""
+        if self._stopped_now:
+            return
+        self._stopped_now = why
+        for role in ("capture", "worker", "exporter"):
+            self._tell(role, STOP_NOW_SIGNAL)
+        self._give_up_by = time.monotonic() + GIVE_UP_S
 
     def _reload(self) -> None:
         """SIGHUP: the exporter re-reads the profile's collectors and sends every template again."""
-        for c in self._role("exporter"):
-            os.kill(c.process.pid, signal.SIGHUP)
+        self._tell("exporter", RELOAD_SIGNAL)
 
     # --- life ----------------------------------------------------------------
     def run(self) -> int:
@@ -218,6 +244,10 @@ class Supervisor:
             control.close(0)
             ctx.term()
             self.report.end_progress()
+        if self._stopped_now:
+            self.errors.insert(0, f"{self._stopped_now}: stopped at once; "
+                               + "; ".join(self.report.losses() or ["nothing was lost"]))
+            return 1
         if crashed is not None:
             how = (f"killed by signal {-crashed.process.exitcode}" if crashed.process.exitcode < 0
                    else f"exited with code {crashed.process.exitcode}")
@@ -299,6 +329,18 @@ class Supervisor:
             if self.live:
                 self.report.log_sources(now)
             self.report.write_status(rundir, now)
+            if self._draining is not None and not self._stopped_now \
+                    and now - self._draining >= self.profile.drain_timeout_s:
+                self._stop_now(f"the drain deadline ({self.profile.drain_timeout_s:g} s, "
+                               "DrainTimeoutSeconds) passed")
+            if self._stopped_now:
+                if now >= self._give_up_by:
+                    for c in self.children:
+                        if c.process.is_alive():
+                            c.process.kill()
+                if all(c.process.exitcode is not None for c in self.children):
+                    return None
+                continue
             crashed = next((c for c in self.children if c.process.exitcode not in (None, 0)), None)
             if crashed is not None:
                 self._stop_after_crash(crashed)
@@ -311,7 +353,7 @@ class Supervisor:
         for role in ("capture", "worker", "exporter"):
             stage = [c for c in self._role(role) if c is not crashed]
             for c in stage:
-                os.kill(c.process.pid, signal.SIGTERM)
+                os.kill(c.process.pid, STOP_SIGNAL)
             deadline = time.monotonic() + STOP_DEADLINE_S
             for c in stage:
                 c.process.join(max(0.0, deadline - time.monotonic()))

@@ -8,6 +8,8 @@ batches and push them to the exporter. It stops after an end-of-stream from
 each capture process, or on SIGTERM/SIGINT after draining what was already
 sent to it; either way every cached flow is flushed (flowEndReason forced
 end), and its own end-of-stream tells the exporter that nothing more comes.
+A stop at once ends it without the flush: the flows it holds are lost, and
+its last report says how many.
 """
 from __future__ import annotations
 
@@ -70,6 +72,7 @@ class Worker:
         self.rings = rings or {}  # producer name -> the batch ring its packets messages name slots of
         self.seq = 0
         self.records_out = 0
+        self.packets_out = 0
         self.dropped: dict[str, int] = {}
         self.producers_done: set[str] = set()
         self.clocks: dict[str, int] = {}  # producer -> the capture clock of its latest batch
@@ -78,9 +81,11 @@ class Worker:
 
     def emit(self, records: np.ndarray) -> None:
         for name, batch in to_template_batches(records):
+            packets = int(batch["packetDeltaCount"].sum(dtype=np.uint64))
             self._send(records_message(self.name, self.seq, name, self.settings.domain, batch))
             self.seq += 1
             self.records_out += len(batch)
+            self.packets_out += packets
 
     def handle(self, frames: list) -> None:
         try:
@@ -161,7 +166,7 @@ class Worker:
     def counters(self) -> WorkerCounters:
         t = self.table.counters
         return WorkerCounters(packets=t.packets, octets=t.octets, flows=t.flows_created, evictions=t.evictions,
-                              records_out=self.records_out,
+                              records_out=self.records_out, packets_out=self.packets_out,
                               end_reasons={REASON_NAMES[r]: n for r, n in t.records.items() if n},
                               active_flows=self.table.active, active_peak=self.active_peak,
                               table_bytes=self.table.nbytes, dropped=dict(self.dropped),
@@ -195,9 +200,12 @@ def run(settings: WorkerSettings, endpoints: WorkerEndpoints, handover: WorkerHa
                 worker.tick(time.time_ns())
             rt.progress(worker.counters, now)
         if rt.stop:  # batches already sent to us are still metered
-            while poller.poll(DRAIN_QUIET_MS):
+            while not rt.stop.at_once and poller.poll(DRAIN_QUIET_MS):
                 receive_waiting()
-        worker.finish()
-        push.send(EndOfStream(worker.name, worker.seq).pack())
+        if rt.stop.at_once:  # the flows held are lost: the last report counts them (active_flows)
+            push.setsockopt(zmq.LINGER, 0)
+        else:
+            worker.finish()
+            push.send(EndOfStream(worker.name, worker.seq).pack())
         rt.final(worker.counters())
     return 0

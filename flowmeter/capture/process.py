@@ -7,7 +7,8 @@ until told to stop -- in batches, decode them into
 split the rows by symmetric flow hash and push each worker its share,
 together with the capture clock (packet time), which every worker gets
 with every batch so timers fire alike on all shards. It ends with an
-end-of-stream to every worker, after the last file or on SIGTERM/SIGINT.
+end-of-stream to every worker, after the last file or on a stop (on a stop
+at once it sends nothing more and ends).
 
 Frames that are not metered are counted by cause (not IP, malformed,
 truncated, unsupported link type, other direction, flowmeter's own export
@@ -85,7 +86,7 @@ class Capture:
     """Decode, classify and shard one capture file's batches (no sockets: testable alone)."""
 
     def __init__(self, settings: CaptureSettings, workers: int, send, ring: BatchRing | None = None,
-                 stop=lambda: False) -> None:
+                 stop=lambda: False, at_once=lambda: False) -> None:
         self.settings = settings
         self.name = f"capture-{settings.index}"
         self.workers = workers
@@ -93,7 +94,8 @@ class Capture:
         self.router = Router(workers, self.policy)
         self._send = send  # send(worker index, frames)
         self.ring = ring  # the rows go through this batch ring's slots (else as payload frames)
-        self._stop = stop
+        self._stop = stop  # a stop was asked (a full ring then waits at most STALL_S for the workers)
+        self._at_once = at_once  # a stop at once was asked: wait for nothing, read nothing more
         if ring is not None and ring.workers != workers:
             raise ValueError(f"ring: made for {ring.workers} workers, not {workers}")
         self.batches = 0  # batches sent: every worker gets each one (its part may be empty)
@@ -131,6 +133,8 @@ class Capture:
                     break
             self.counters.source_counters = source.counters()
             progress()
+        if self._at_once():
+            return
         for item in source.read(LIVE_LAST_S):  # frames in flight at the stop are metered too
             self._meter_item(item)
 
@@ -148,7 +152,7 @@ class Capture:
         rows, status = self._rows[:n], self._status[:n]
         if self.ring is not None and self.workers == 1 and n <= self.ring.rows:
             # One worker: decode straight into its slot; routing then only compacts the rows in place.
-            self.ring.wait_free(self.batches, self._stop)
+            self.ring.wait_free(self.batches, self._stop, self._at_once)
             rows = self.ring.slot(self.batches)[0, :n]
         info = decode_batch(batch, rows, status)
         self.counters.frames += n
@@ -179,7 +183,7 @@ class Capture:
                 _not_metered(self.counters, OWN_EXPORT, int(own.sum()))
         slot = -1
         if self.ring is not None:
-            self.ring.wait_free(self.batches, self._stop)
+            self.ring.wait_free(self.batches, self._stop, self._at_once)
             slot = self.batches % self.ring.nslots
         parts, kept, octets, other, newest = self.router.route(
             rows, status, None if self.ring is None else self.ring.slot(self.batches))
@@ -213,7 +217,7 @@ def run(settings: CaptureSettings, endpoints: CaptureEndpoints, handover: Captur
         if source is not None:
             log.info("%s open", source.name)
         cap = Capture(settings, len(pushes), lambda w, frames: pushes[w].send_multipart(frames, copy=False),
-                      handover.ring, stop=lambda: bool(rt.stop))
+                      handover.ring, stop=lambda: bool(rt.stop), at_once=lambda: rt.stop.at_once)
 
         def progress() -> None:
             rt.progress(cap.report)
@@ -228,8 +232,13 @@ def run(settings: CaptureSettings, endpoints: CaptureEndpoints, handover: Captur
                 if cap.errors:
                     break  # stop at the first unreadable file, after metering what it had
         except RingStalled as exc:  # a worker is gone: what it had not taken is lost, say so
-            cap.errors.append(str(exc))
-        cap.end_of_stream()
+            if not rt.stop.at_once:
+                cap.errors.append(str(exc))
+        if rt.stop.at_once:  # the workers end now too: what is on its way to them is lost, counted by them
+            for push in pushes:
+                push.setsockopt(zmq.LINGER, 0)
+        else:
+            cap.end_of_stream()
         for e in cap.errors:
             rt.error(e)
         rt.final(cap.report())

@@ -73,11 +73,12 @@ class BatchRing:
         """Batch ``seq``'s slot, ``(workers, rows)`` rows: call ``wait_free(seq)`` first."""
         return self.slots[seq % self.nslots]
 
-    def wait_free(self, seq: int, stop=lambda: False) -> float:
+    def wait_free(self, seq: int, stop=lambda: False, at_once=lambda: False) -> float:
         """Wait until every worker has released batch ``seq - slots``; return the seconds waited.
 
-        ``stop()`` true and no release for ``STALL_S``: ``RingStalled``
-        (a worker that stopped early never releases; one that is draining does).
+        ``stop()`` true and no release for ``STALL_S``, or ``at_once()`` true:
+        ``RingStalled`` (a worker that stopped early never releases; one that
+        is draining does; a stop at once does not wait for either).
         """
         need = seq - self.nslots + 1
         if need <= 0 or int(self.released.min()) >= need:
@@ -92,6 +93,8 @@ class BatchRing:
             total = int(self.released.sum())
             if total != seen:
                 seen, last_move = total, now
+            elif at_once():
+                raise RingStalled("stopped at once while waiting for the workers")
             elif stop() and now - last_move >= STALL_S:
                 late = [w for w in range(self.workers) if self.released[w] < need]
                 raise RingStalled(f"worker-{late[0]} took no batch for {STALL_S:.0f} s while stopping")

@@ -65,6 +65,7 @@ class WorkerCounters:
     flows: int = 0  # flows made
     evictions: int = 0  # flows ended early because the table was full
     records_out: int = 0  # flow records sent to the exporter
+    packets_out: int = 0  # packets counted in those records (packets - packets_out: held in flows)
     end_reasons: dict[str, int] = field(default_factory=dict)  # records by flowEndReason (END_REASONS)
     active_flows: int = 0  # flows held now
     active_peak: int = 0  # most flows held at once
@@ -81,9 +82,11 @@ class CollectorCounters:
     octets: int = 0
     data_records: int = 0  # data records sent (flow and statistics records)
     flow_records: int = 0  # flow records sent
+    packets: int = 0  # packets counted in the flow records sent
     template_messages: int = 0
     not_sent_messages: int = 0  # messages that could not be sent (counted per cause in ``errors``)
     not_sent_records: int = 0
+    not_sent_packets: int = 0  # packets counted in the flow records not sent
     queued_messages: int = 0  # waiting for the collector's pace
     export_rate: float = 0.0  # messages a second; 0 = unpaced
     send_buffer: int = 0  # octets of send buffer the kernel granted
@@ -96,6 +99,7 @@ class CollectorCounters:
 class ExporterCounters:
     batches: int = 0  # record batches received
     records: int = 0  # flow records received
+    packets: int = 0  # packets counted in them
     gaps: int = 0  # gaps in a producer's message sequence numbers
     dropped: dict[str, int] = field(default_factory=dict)  # batches dropped, by cause
     collectors: dict[str, CollectorCounters] = field(default_factory=dict)  # by collector ("udp/192.0.2.1:4739")

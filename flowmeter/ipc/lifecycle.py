@@ -19,9 +19,24 @@ that the signal handlers only set ("record in the handler, act in the
 loop"), a ``ParentWatch``, and the ``ControlChannel`` that carries its
 counters (``flowmeter.ipc.counters``) and errors to the supervisor.
 
-A child whose supervisor dies ends by itself: a capture gets SIGTERM from
-the kernel (``PR_SET_PDEATHSIG``) and drains; a worker or the exporter keeps
-going until its producers have ended, at most ``ORPHAN_GRACE_S``.
+Signals: a stop reaches every process of the group at once (systemd's
+``KillMode=control-group``, a terminal's Ctrl-C), but only the supervisor
+may act on it: a worker that stopped before its captures would flush its
+flows to an exporter that is gone. So a supervised child ignores SIGTERM,
+SIGINT and SIGHUP and follows its supervisor's own signals instead:
+``STOP_SIGNAL`` (SIGUSR1) to stop, ``STOP_NOW_SIGNAL`` (a real-time signal:
+never merged with another) to stop without waiting (what it still holds is
+counted in its last report, not sent), and ``RELOAD_SIGNAL`` (SIGUSR2) to
+re-read the settings. ``child_main`` blocks them until the stage's
+``StopFlag`` has its handlers, so one sent while the child starts waits for
+it instead of being lost. A stage run without a
+supervisor (``flowmeter exporter``, tests) takes SIGTERM, SIGINT and SIGHUP
+itself.
+
+A child whose supervisor dies ends by itself: a capture gets
+``STOP_SIGNAL`` from the kernel (``PR_SET_PDEATHSIG``) and drains; a worker
+or the exporter keeps going until its producers have ended, at most
+``ORPHAN_GRACE_S``.
 """
 from __future__ import annotations
 
@@ -49,7 +64,12 @@ CONTROL_LINGER_MS = 2000  # at exit, the last counters wait this long for the su
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # a stage without a supervisor stops on these
+OUTSIDE_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)  # ... and reloads on SIGHUP; a supervised child ignores all three
+STOP_SIGNAL = signal.SIGUSR1  # from the supervisor: stop (drain)
+STOP_NOW_SIGNAL = signal.SIGRTMIN + 1  # from the supervisor: stop without waiting (real-time: queued, never merged)
+RELOAD_SIGNAL = signal.SIGUSR2  # from the supervisor: re-read the settings
+SUPERVISOR_SIGNALS = (STOP_SIGNAL, STOP_NOW_SIGNAL, RELOAD_SIGNAL)
 
 def _prctl(option: int, arg: Any) -> bool:
     try:
@@ -65,9 +85,9 @@ def set_process_name(name: str) -> None:
 
 
 def end_with_parent() -> None:
-    """Get SIGTERM when the supervisor dies (killed, say): this process then drains as on a stop."""
-    if _prctl(PR_SET_PDEATHSIG, signal.SIGTERM) and os.getppid() == 1:
-        os.kill(os.getpid(), signal.SIGTERM)  # the supervisor died before the request was made
+    """Get ``STOP_SIGNAL`` when the supervisor dies (killed, say): this process then drains as on a stop."""
+    if _prctl(PR_SET_PDEATHSIG, STOP_SIGNAL) and os.getppid() == 1:
+        os.kill(os.getpid(), STOP_SIGNAL)  # the supervisor died before the request was made
 
 
 def child_main(name: str, target: Callable[..., int], args: tuple, nice: int = 0, foreign: tuple = (),
@@ -75,8 +95,13 @@ def child_main(name: str, target: Callable[..., int], args: tuple, nice: int = 0
     """Entry of every child: its name, log lines, priority, fresh signal state; one line and a reserved code on a crash.
 
     ``foreign`` are the live sources other processes read: this child's
-    copies are closed. ``pdeathsig``: SIGTERM when the supervisor dies.
+    copies are closed. ``pdeathsig``: ``STOP_SIGNAL`` when the supervisor dies.
     """
+    # The supervisor's signals wait (blocked) until the stage's StopFlag takes them; the outside
+    # world's stop and reload signals are the supervisor's alone (see the module notes).
+    signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISOR_SIGNALS)
+    for s in OUTSIDE_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
     set_process_name(name)
     setup_logging(name)
     if pdeathsig:
@@ -88,8 +113,6 @@ def child_main(name: str, target: Callable[..., int], args: tuple, nice: int = 0
             os.nice(nice)
         except OSError:
             pass
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, signal.SIG_DFL)
     try:
         code = target(*args)
     except Exception as exc:  # the top of a process: one line, one exit code
@@ -107,7 +130,7 @@ class ParentWatch:
     """Whether this child's supervisor is gone, and for how long (its parent changed: reparented).
 
     A worker or the exporter whose supervisor died keeps going until its
-    producers end (the captures drain: they get SIGTERM when it dies), but
+    producers end (the captures drain: they get ``STOP_SIGNAL`` when it dies), but
     no longer than ``ORPHAN_GRACE_S``: a pipeline never outlives its
     supervisor for good.
     """
@@ -126,32 +149,57 @@ class ParentWatch:
 class StopFlag:
     """The signals a stage acts on, recorded by their handlers and read by its loop.
 
-    SIGTERM and SIGINT ask for a stop (a second one, while draining, for a
-    stop at once); SIGHUP asks for a reload where the stage reloads
-    (``reload=True``) and is ignored elsewhere. ``set()`` asks for a stop
-    from the program itself (a test, a supervisor that is gone).
-    Handlers are installed only from the main thread (a stage run in a
-    thread, in tests, is stopped with ``set()``) and put back by ``restore()``.
+    Supervised (``supervised=True``, see the module notes): ``STOP_SIGNAL``
+    asks for a stop, ``STOP_NOW_SIGNAL`` for a stop at once,
+    ``RELOAD_SIGNAL`` for a reload; SIGTERM, SIGINT and SIGHUP are ignored.
+    Alone: SIGTERM and SIGINT ask for a stop (a second one: at once), SIGHUP
+    for a reload. A reload is recorded only where the stage reloads
+    (``reload=True``) and ignored elsewhere. ``set()`` asks for a stop from
+    the program itself (a test, a supervisor that is gone). Handlers are
+    installed only from the main thread (a stage run in a thread, in tests,
+    is stopped with ``set()``) and put back by ``restore()``.
     """
 
-    def __init__(self, reload: bool = False) -> None:
+    def __init__(self, reload: bool = False, supervised: bool = False) -> None:
         self.reload = reload
+        self.supervised = supervised
         self.stops = 0  # stop requests so far
+        self.now = False  # a stop at once was asked (STOP_NOW_SIGNAL)
         self._reloads = 0
         self._old: dict[int, Any] = {}
 
     def install(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for s in STOP_SIGNALS:
-                self._old[s] = signal.signal(s, self._on_signal)
-            self._old[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_signal if self.reload else signal.SIG_IGN)
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        if self.supervised:
+            stop, reload, ignored = (STOP_SIGNAL,), RELOAD_SIGNAL, OUTSIDE_SIGNALS
+        else:
+            stop, reload, ignored = STOP_SIGNALS, signal.SIGHUP, ()
+        for s in stop:
+            self._old[s] = signal.signal(s, self._on_stop)
+        if self.supervised:
+            self._old[STOP_NOW_SIGNAL] = signal.signal(STOP_NOW_SIGNAL, self._on_stop_now)
+        self._old[reload] = signal.signal(reload, self._on_reload if self.reload else signal.SIG_IGN)
+        for s in ignored:
+            self._old[s] = signal.signal(s, signal.SIG_IGN)
+        if self.supervised:  # what the supervisor sent while this process started is taken now
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISOR_SIGNALS)
         return self
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGHUP:
-            self._reloads += 1
-        else:
-            self.stops += 1
+    def _on_stop(self, signum: int, frame: Any) -> None:
+        self.stops += 1
+
+    def _on_stop_now(self, signum: int, frame: Any) -> None:
+        self.stops += 1
+        self.now = True
+
+    @property
+    def at_once(self) -> bool:
+        """A stop without waiting: ``STOP_NOW_SIGNAL``, or a second stop request."""
+        return self.now or self.stops >= 2
+
+    def _on_reload(self, signum: int, frame: Any) -> None:
+        self._reloads += 1
 
     def set(self) -> None:
         self.stops += 1
@@ -160,7 +208,7 @@ class StopFlag:
         return self.stops > 0
 
     def take_reloads(self) -> int:
-        """SIGHUPs received since the last call."""
+        """Reload requests received since the last call."""
         n, self._reloads = self._reloads, 0
         return n
 
@@ -208,7 +256,7 @@ class StageRuntime:
     def __init__(self, name: str, role: str, control: str | None, *, reload: bool = False,
                  stop: StopFlag | None = None) -> None:
         self.name, self.role = name, role
-        self.stop = stop if stop is not None else StopFlag(reload).install()
+        self.stop = stop if stop is not None else StopFlag(reload, supervised=control is not None).install()
         self.ctx = zmq.Context()
         self._sockets: list[tuple[zmq.Socket, int | None]] = []
         self.control = ControlChannel(self.ctx, control, name) if control else None

@@ -59,7 +59,7 @@ import numpy.typing as npt
 
 from flowmeter.ipc.counters import BY_ROLE, CountersError, RoleCounters, from_wire, to_wire
 
-VERSION = 3
+VERSION = 4
 KIND_RECORDS = "records"
 KIND_EOS = "eos"
 KIND_PACKETS = "packets"

@@ -23,27 +23,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.collectors import Nfcapd, ipfixdump_records
+from tests.support.collectors import ipfixdump_records
+from tests.support.liverun import ROOT, NsNfcapd, Run, kill_leftover_runs
 from tests.support.netns import Namespaces, available, entered
 
-ROOT = Path(__file__).resolve().parents[2]
 A4, B4, A6, B6 = "10.9.0.1", "10.9.0.2", "fd09::1", "fd09::2"
 UDP_SIZES = (10, 100, 500, 1000, 1400)  # payload octets
 TCP_LENGTH = 200_000
 PINGS, PING_PAYLOAD = 4, 100
 
 
-_RUNS: list[subprocess.Popen] = []  # every flowmeter started; none outlives its test
-
-
 @pytest.fixture(autouse=True)
 def no_run_left_behind():
     yield
-    while _RUNS:
-        proc = _RUNS.pop()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole pipeline: its own session
-            proc.wait(10)
+    kill_leftover_runs()
 
 
 @pytest.fixture
@@ -54,65 +47,6 @@ def lab():
         a, b = ns.add("a"), ns.add("b")
         ns.veth(a, "va", f"{A4}/24", f"{A6}/64", b, "vb", f"{B4}/24", f"{B6}/64")
         yield ns, a, b
-
-
-class Run:
-    """``flowmeter run`` inside a namespace; ``stop()`` drains it with SIGTERM."""
-
-    def __init__(self, ns: str, tmp: Path, opened: int, **settings) -> None:
-        self.profile = tmp / "profile.json"
-        self.profile.write_text(json.dumps({"FlowMetadata": {"StatisticsIntervalSeconds": 0, **settings}}))
-        self.lines: list[str] = []
-        with entered(ns):
-            self.proc = subprocess.Popen([sys.executable, "-m", "flowmeter.cli", "run", "--profile", str(self.profile)],
-                                         cwd=ROOT, env={**os.environ, "FLOWMETER_DEBUG": "1"}, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        _RUNS.append(self.proc)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        deadline = time.monotonic() + 300  # the first run on a machine compiles the kernels
-        while sum(" open" in line for line in self.lines) < opened:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                self._reader.join(5)
-                raise AssertionError("flowmeter run did not open its sources:\n" + "".join(self.lines))
-            time.sleep(0.05)
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def stop(self) -> str:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self._reader.join(5)
-        out = "".join(self.lines)
-        assert self.proc.returncode == 0, out
-        return out
-
-
-class NsNfcapd:
-    """nfcapd inside a namespace (its socket and its /proc/net/udp are that namespace's); stopped on exit."""
-
-    def __init__(self, ns: str, tmp: Path, **kw) -> None:
-        self.ns = ns
-        with entered(ns):
-            self.nf = Nfcapd(tmp / "nfcapd", **kw)
-        self.collector, self.port = self.nf.collector, self.nf.port
-
-    def records(self) -> list[dict]:
-        with entered(self.ns):
-            return self.nf.records()
-
-    def __enter__(self) -> NsNfcapd:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        with entered(self.ns):
-            self.nf.stop()
 
 
 class Tcpdump:

@@ -22,6 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from flowmeter.ipc.lifecycle import STOP_SIGNAL
+
 from tests.support import traffic
 from tests.support.collectors import Nfcapd, ipfixdump_records, nfdump_totals
 from tests.support.pcapwrite import ethernet_ipv4_tcp, ethernet_ipv4_udp, ipv4, nflog, udp, write_pcap
@@ -241,15 +243,15 @@ def test_sigterm_during_run_drains_every_metered_flow(tmp_path):
     capture = _wait_for_child(proc.pid, "fm-capture-0")
     assert capture, "capture-0 not found"
     # The capture is frozen part way, whatever the machine's speed: after 50 ms of its CPU it has
-    # metered some packets and is far from the end of 3M. It sees the supervisor's SIGTERM when thawed.
+    # metered some packets and is far from the end of 3M. It sees the supervisor's stop when thawed.
     _wait_for_cpu(capture, 0.05)
     os.kill(capture, signal.SIGSTOP)
     try:
         proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while not _signal_pending(capture, signal.SIGTERM) and time.monotonic() < deadline:
+        while not _signal_pending(capture, STOP_SIGNAL) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert _signal_pending(capture, signal.SIGTERM), "the supervisor did not pass SIGTERM on"
+        assert _signal_pending(capture, STOP_SIGNAL), "the supervisor did not pass the stop on"
     finally:
         os.kill(capture, signal.SIGCONT)
     out, err = proc.communicate(timeout=120)
@@ -292,5 +294,5 @@ def test_every_process_log_line_names_its_process_on_the_commands_stderr(tmp_pat
     # reach the command's stderr, named after the process that wrote them
     assert any(re.match(rf"flowmeter: exporter: {collector}: send buffer \d+ octets granted", x) for x in lines), lines
     assert any(re.match(rf"flowmeter: exporter: {collector}: \d+ messages not sent", x) for x in lines), lines
-    # and no process's line lacks the prefix: the only others are the summary's
-    assert all(x.startswith(("flowmeter: ", f"{collector}: ")) for x in lines if collector in x), lines
+    # and no process's line lacks the prefix: the only others are the summary's (per collector, lost)
+    assert all(x.startswith(("flowmeter: ", f"{collector}: ", "lost: ")) for x in lines if collector in x), lines

@@ -37,6 +37,44 @@ def test_stop_signals_set_the_flag_and_sighup_reloads_only_where_asked():
         ignoring.restore()
 
 
+def test_a_supervised_stage_ignores_the_groups_signals_and_follows_its_supervisors():
+    flag = StopFlag(reload=True, supervised=True).install()
+    try:
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # what systemd or Ctrl-C sends the group
+            os.kill(os.getpid(), s)
+        assert not flag and flag.take_reloads() == 0
+        os.kill(os.getpid(), lifecycle.RELOAD_SIGNAL)
+        assert flag.take_reloads() == 1
+        os.kill(os.getpid(), lifecycle.STOP_SIGNAL)
+        assert flag and not flag.at_once
+        os.kill(os.getpid(), lifecycle.STOP_NOW_SIGNAL)
+        assert flag.at_once
+    finally:
+        flag.restore()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def _stop_sent_before_the_flag(path: str) -> int:
+    """The supervisor's stop arrives before the stage has its StopFlag: it must wait for it, not be lost."""
+    os.kill(os.getpid(), lifecycle.STOP_SIGNAL)
+    os.kill(os.getpid(), signal.SIGTERM)  # the group's stop: ignored
+    time.sleep(0.05)
+    flag = StopFlag(supervised=True).install()
+    with open(path, "w") as f:
+        f.write(f"{flag.stops} {flag.at_once}")
+    return 0
+
+
+def test_a_stop_sent_while_the_child_starts_waits_for_its_stop_flag(tmp_path):
+    out = tmp_path / "stops"
+    proc = multiprocessing.get_context("fork").Process(target=child_main, args=(
+        "worker-0", _stop_sent_before_the_flag, (str(out),)))
+    proc.start()
+    proc.join(30)
+    assert proc.exitcode == 0
+    assert out.read_text() == "1 False"
+
+
 def _crash() -> int:
     raise RuntimeError("the table is on fire")
 
