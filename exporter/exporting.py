@@ -172,8 +172,10 @@ class ExportingProcess:
             keep = []
             for a in settings.collectors:
                 s = old.pop(a, None)
-                if s is None:
+                if s is None:  # a new collector: templates of every domain seen go to it at once
                     s = self._session(a, settings)
+                    for domain in (*self._flow_domains, *((STATS_DOMAIN,) if settings.stats_interval_s else ())):
+                        s.domain(domain)  # due: the next tick() sends them
                 else:
                     s.refresh_s, s.refresh_messages = settings.refresh_s, settings.refresh_messages
                     s.set_pace(settings.export_rate, settings.export_burst)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -196,6 +197,32 @@ def status(as_json: bool = typer.Option(False, "--json", help="print the status 
     if not runs:
         _fail("status: no flowmeter run is running (as this user)")
     typer.echo(describe_runs(runs))
+
+
+@app.command()
+def reload(pid: Optional[int] = typer.Option(None, "--pid", help="the run's pid, as flowmeter status shows it "
+                                             "(needed when several runs are running)")) -> None:
+    """Apply the profile file again to a running ``flowmeter run`` (the same as SIGHUP to its pid).
+
+    What can change in place changes without losing a cached flow; settings that need a restart, or a
+    profile that fails its checks, are named in one line in the run's log and the running profile stays."""
+    from .status import running_status
+
+    runs = running_status()
+    if pid is not None:
+        runs = [r for r in runs if r["pid"] == pid]
+    if not runs:
+        _fail("reload: no flowmeter run is running (as this user)" + (f" with pid {pid}" if pid else ""))
+    if len(runs) > 1:
+        _fail(f"reload: {len(runs)} runs are running (pids {', '.join(str(r['pid']) for r in runs)}); "
+              "say which with --pid")
+    target = runs[0]
+    try:
+        os.kill(target["pid"], signal.SIGHUP)
+    except OSError as exc:
+        _fail(f"reload: pid {target['pid']}: {exc.strerror or exc}")
+    typer.echo(f"flowmeter: reload sent to pid {target['pid']} (profile {target.get('profile')}); "
+               "its log says what changed")
 
 
 @app.command()

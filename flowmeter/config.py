@@ -16,6 +16,7 @@ accepted::
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import json
@@ -273,6 +274,7 @@ class Setting:
     help: str
     check: Callable[[Any], Any] = _as_is  # JSON value -> attribute; raises _Rejected
     dump: Callable[[Any], Any] = _as_is  # attribute -> JSON value
+    restart: bool = False  # True: a reload cannot change it in place (the running value stays until a restart)
 
     def parse(self, value: Any) -> Any:
         """The attribute for a JSON ``value``; raises ``_Rejected``."""
@@ -326,34 +328,34 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("Sources", "sources", list, [], "a list of strings",
             "what flowmeter run meters: pcap:PATH (pcap or pcapng file), afpacket:IFACE (an interface), "
             "nflog:GROUP (frames the firewall logs to a netfilter log group), feed:ENDPOINT (an overlay "
-            "agent's ZeroMQ feed)", _sources, lambda specs: [str(s) for s in specs]),
+            "agent's ZeroMQ feed)", _sources, lambda specs: [str(s) for s in specs], restart=True),
     Setting("Fanout", "fanout", int, 1, "a whole number from 1 to 16",
             "capture processes per afpacket source, sharing its frames by flow hash (PACKET_FANOUT)",
-            _within(1, 16)),
+            _within(1, 16), restart=True),
     Setting("SnapLength", "snap_length", int, 256, "a whole number of octets from 96 to 65535",
             "octets of each frame copied from the kernel (afpacket, nflog): headers are all that is metered",
-            _within(96, 65535)),
+            _within(96, 65535), restart=True),
     Setting("CaptureFilter", "capture_filter", str, "", "a tcpdump filter expression",
             "afpacket sources meter only frames this expression matches (compiled by tcpdump); "
-            "empty = every frame", _capture_filter),
+            "empty = every frame", _capture_filter, restart=True),
     Setting("MeterExport", "meter_export", bool, False, "true or false",
             "meter UDP datagrams to the collectors' addresses and ports (flowmeter's own export); "
             "false keeps a capture of the export interface from metering itself"),
     Setting("User", "user", str, "", "the name of a user of this system",
             "started as root: every process runs as this user once the capture sockets are open; "
-            "empty = stay root", _user),
+            "empty = stay root", _user, restart=True),
     Setting("DrainTimeoutSeconds", "drain_timeout_s", float, DRAIN_TIMEOUT_S, "a number of seconds greater than 0",
             "on a stop, the longest wait for every cached flow to be exported; past it what is left is "
             "counted as lost and the run exits 1 (keep systemd's TimeoutStopSec above it)",
             _seconds(0, inclusive=False)),
     Setting("Workers", "workers", int, 0, "a whole number from 0 to 64",
-            "shard workers (flow tables); 0 = chosen for the machine", _within(0, 64)),
+            "shard workers (flow tables); 0 = chosen for the machine", _within(0, 64), restart=True),
     Setting("IdleTimeout", "idle_timeout_ms", int, 15000,
             "a whole number of milliseconds of at least 1000",
             "a flow with no packet for this long ends (flowEndReason idle)", _within(1000)),
     Setting("MaxFlows", "max_flows", int, 1_000_000, "a whole number from 64 to 100000000",
             "flows held at once, all workers together; when full the oldest end early "
-            "(flowEndReason lack of resources)", _within(64, 100_000_000)),
+            "(flowEndReason lack of resources)", _within(64, 100_000_000), restart=True),
     Setting("LocalNetworks", "local_networks", list, [], "a list of strings",
             "networks of this side: a frame of unknown direction from inside is SendingToPeer, "
             "else ReceivedFromPeer", _networks, lambda nets: [str(n) for n in nets]),
@@ -363,6 +365,7 @@ SETTINGS: tuple[Setting, ...] = (
             "with their forwardingStatus reason", _drop_prefixes, _drop_prefixes_json),
 )
 KEYS = tuple(s.key for s in SETTINGS)
+RESTART_KEYS = tuple(s.key for s in SETTINGS if s.restart)  # a reload leaves these as they run
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,6 +490,24 @@ def parse_profile(obj: Mapping[str, Any], source: str = "<profile>") -> Profile:
     return Profile(source=source, **values)
 
 
+def reload_profile(running: Profile, path: str | os.PathLike[str]) -> tuple[Profile, list[str], list[str]]:
+    """The profile a reload applies: ``(effective, changed, not applied)``.
+
+    ``effective`` is the file's profile with every ``RESTART_KEYS`` setting
+    kept as it runs; ``changed`` names the settings it changes in place,
+    ``not applied`` the restart settings the file changes (they wait for a
+    restart). A file that fails validation raises ``ConfigError``; the
+    running profile then stays whole.
+    """
+    new = load_profile(path)
+    old_doc, new_doc = running.to_dict(), new.to_dict()
+    waiting = [k for k in RESTART_KEYS if old_doc[k] != new_doc[k]]
+    kept = {s.attr: getattr(running, s.attr) for s in SETTINGS if s.restart}
+    effective = dataclasses.replace(new, **kept)
+    changed = [k for k in KEYS if k not in RESTART_KEYS and old_doc[k] != new_doc[k]]
+    return effective, changed, waiting
+
+
 def _suggest(key: str) -> str:
     close = difflib.get_close_matches(key, KEYS, n=1)
     return f"did you mean {close[0]}?" if close else "known keys are " + ", ".join(KEYS)
@@ -495,5 +516,6 @@ def _suggest(key: str) -> str:
 def settings_help() -> str:
     """One line per ``FlowMetadata`` key: help, accepted values and default."""
     width = max(len(key) for key in KEYS)
-    return "\n".join(f"{s.key:<{width}}  {s.help} [{s.accepts}; default {_show(s.default)}]"
+    return "\n".join(f"{s.key:<{width}}  {s.help} [{s.accepts}; default {_show(s.default)}"
+                     + ("; a restart applies it" if s.restart else "") + "]"
                      for s in SETTINGS)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import gc
 import ipaddress
+import json
 import logging
 import multiprocessing
 import os
@@ -55,7 +56,7 @@ from flowmeter.capture import process as capture_process
 from flowmeter.capture.sources import SourceSpec
 from flowmeter.capture.sources.afpacket import NEW_GROUP
 from flowmeter.capture.sources.live import OPENED_BEFORE_FORK, open_source
-from flowmeter.config import Profile, load_profile
+from flowmeter.config import SECTION, ConfigError, Profile, load_profile, reload_profile
 from flowmeter.ipc.batchring import BatchRing
 from flowmeter.ipc.lifecycle import RELOAD_SIGNAL, STOP_DEADLINE_S, STOP_NOW_SIGNAL, STOP_SIGNAL, child_main
 from flowmeter.ipc.schema import ErrorReport, SchemaError, parse_control
@@ -99,6 +100,7 @@ class Supervisor:
         self._signals: list[int] = []
         self._draining: float | None = None  # time.monotonic() of the first stop signal
         self._stopped_now = ""  # why the drain was cut short ("" while it was not)
+        self._profile_copy = ""  # in the run's directory: the profile a reload applies, as checked here
         self._give_up_by = 0.0  # then the exporter is killed if it has not ended by this time
         self._handlers: dict[int, Callable[[], None]] = {
             signal.SIGTERM: self._drain, signal.SIGINT: self._drain, signal.SIGHUP: self._reload}
@@ -139,8 +141,32 @@ class Supervisor:
         self._give_up_by = time.monotonic() + GIVE_UP_S
 
     def _reload(self) -> None:
-        """SIGHUP: the exporter re-reads the profile's collectors and sends every template again."""
-        self._tell("exporter", RELOAD_SIGNAL)
+        """SIGHUP: the profile file is read and checked again; what can change in place is applied by
+        every child (``RELOAD_SIGNAL``), without losing a cached flow. One line says what changed, what
+        waits for a restart, or why the file was refused (the running profile then stays whole)."""
+        if not os.path.isfile(self.profile.source):
+            log.warning("reload: no profile file to read again (%s); nothing changed", self.profile.source)
+            return
+        try:
+            new, changed, waiting = reload_profile(self.profile, self.profile.source)
+        except ConfigError as exc:
+            log.error("reload refused, the running profile stays: %s", exc)
+            return
+        text = json.dumps({SECTION: new.to_dict()})
+        tmp = self._profile_copy + ".new"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, self._profile_copy)
+        except OSError as exc:
+            log.error("reload failed, the running profile stays: %s: %s", self._profile_copy, exc.strerror or exc)
+            return
+        self.profile = new
+        for role in ("exporter", "worker", "capture"):
+            self._tell(role, RELOAD_SIGNAL)
+        log.info("reloaded %s: %s%s", self.profile.source,
+                 ", ".join(changed) + " changed" if changed else "no in-place setting changed",
+                 f"; {', '.join(waiting)} changed in the file but apply only at a restart" if waiting else "")
 
     # --- life ----------------------------------------------------------------
     def run(self) -> int:
@@ -153,6 +179,7 @@ class Supervisor:
             self.errors.append(str(exc))
             return 1
         rundir = tempfile.mkdtemp(prefix="flowmeter-", dir=os.environ.get("XDG_RUNTIME_DIR"))
+        self._profile_copy = os.path.join(rundir, "profile.json")  # what a reload applies (checked here first)
         old = {s: signal.signal(s, self._on_signal) for s in self._handlers}
         try:
             if self.profile.user and os.geteuid() == 0:
@@ -194,22 +221,6 @@ class Supervisor:
                     source.close()
             raise
         return opened
-
-    def _exclusions(self) -> tuple:
-        """(ip_version, hi, lo, port) of every UDP collector, unless MeterExport is on."""
-        if self.profile.meter_export:
-            return ()
-        out = []
-        for c in self.profile.collectors:
-            if c.kind != "udp":
-                continue
-            try:
-                addr = ipaddress.ip_address(c.host)
-            except ValueError:
-                continue
-            value = int(addr)
-            out.append((addr.version, value >> 64, value & ((1 << 64) - 1), c.port))
-        return tuple(out)
 
     def _run(self, rundir: str, opened: list) -> int:
         producers = self.captures + len(opened)
@@ -271,38 +282,38 @@ class Supervisor:
             proc.start()
             self.children.append(ChildInfo(name, role, proc))
 
-        export = p.export_settings() if p.enabled else ExportSettings(collectors=())
-        profile_path = p.source if os.path.isfile(p.source) else None
-        reload = (lambda: load_profile(profile_path).export_settings()) if profile_path else None
+        copy = self._profile_copy
+
+        def reloaded() -> Profile:  # in a child, on the supervisor's reload: the profile it checked
+            return load_profile(copy)
+
         start("exporter", "exporter", exporter_process.run,
-              (exporter_process.ExporterSettings(export, producers=self.workers),
-               exporter_process.ExporterEndpoints(ep_export, control), exporter_process.ExporterHandover(reload)))
+              (exporter_process.ExporterSettings(export_settings(p), producers=self.workers),
+               exporter_process.ExporterEndpoints(ep_export, control),
+               exporter_process.ExporterHandover(lambda: export_settings(reloaded()))))
         producers = self.captures + len(opened)
-        per_worker = max(64, -(-p.max_flows // self.workers))
         for i in range(self.workers):
-            ws = worker_process.WorkerSettings(index=i, max_flows=per_worker,
-                                               idle_timeout_ns=p.idle_timeout_ms * 1_000_000,
-                                               interval_ns=p.interval_ms * 1_000_000, domain=p.observation_domain_id,
-                                               producers=producers, live=bool(opened))
+            def worker_reload(i=i) -> worker_process.WorkerSettings:
+                return worker_settings(reloaded(), i, self.workers, producers, bool(opened))
             start(f"worker-{i}", "worker", worker_process.run,
-                  (ws, worker_process.WorkerEndpoints(ep_workers[i], ep_export, control),
-                   worker_process.WorkerHandover(rings)))
+                  (worker_settings(p, i, self.workers, producers, bool(opened)),
+                   worker_process.WorkerEndpoints(ep_workers[i], ep_export, control),
+                   worker_process.WorkerHandover(rings, worker_reload)))
         endpoints = capture_process.CaptureEndpoints(ep_workers, control)
         for i in range(self.captures):
             # One capture process: the files in order (e.g. a rotated capture). Several: the files
             # are dealt out and read at the same time (e.g. one file per member of a fanout group).
-            cs = capture_process.CaptureSettings(index=i, files=self.files[i::self.captures], direction=p.direction,
-                                                 local_networks=p.local_networks, drop_prefixes=p.drop_prefixes)
             start(f"capture-{i}", "capture", capture_process.run,
-                  (cs, endpoints, capture_process.CaptureHandover(rings[f"capture-{i}"])))
-        exclude = self._exclusions()
+                  (capture_settings(p, i, files=self.files[i::self.captures]), endpoints,
+                   capture_process.CaptureHandover(rings[f"capture-{i}"],
+                                                   reload=lambda: capture_settings(reloaded(), 0))))
         for n, (spec, source) in enumerate(opened):
             i = self.captures + n
-            cs = capture_process.CaptureSettings(index=i, direction=p.direction, local_networks=p.local_networks,
-                                                 drop_prefixes=p.drop_prefixes, exclude=exclude)
             handover = capture_process.CaptureHandover(
-                rings[f"capture-{i}"], source, partial(open_source, spec, p) if source is None else None)
-            start(f"capture-{i}", "capture", capture_process.run, (cs, endpoints, handover), own=source)
+                rings[f"capture-{i}"], source, partial(open_source, spec, p) if source is None else None,
+                reload=lambda: capture_settings(reloaded(), 0, live=True))
+            start(f"capture-{i}", "capture", capture_process.run,
+                  (capture_settings(p, i, live=True), endpoints, handover), own=source)
         for source in sources:  # each is its capture process's now
             source.close()
         opened.clear()
@@ -379,3 +390,44 @@ class Supervisor:
                 self.errors.append(msg.message)
             else:
                 child.counters = msg.counters
+
+
+# --- what each stage gets from the profile (at start, and again on a reload) ---
+
+def export_settings(p: Profile) -> ExportSettings:
+    """The exporter's settings: the profile's, or no collector at all when ``Enabled`` is false."""
+    return p.export_settings() if p.enabled else ExportSettings(collectors=())
+
+
+def exclusions(p: Profile) -> tuple:
+    """(ip_version, hi, lo, port) of every UDP collector exported to, unless MeterExport is on."""
+    if p.meter_export or not p.enabled:
+        return ()
+    out = []
+    for c in p.collectors:
+        if c.kind != "udp":
+            continue
+        try:
+            addr = ipaddress.ip_address(c.host)
+        except ValueError:
+            continue
+        value = int(addr)
+        out.append((addr.version, value >> 64, value & ((1 << 64) - 1), c.port))
+    return tuple(out)
+
+
+def capture_settings(p: Profile, index: int, files: tuple[str, ...] = (), live: bool = False,
+                     ) -> capture_process.CaptureSettings:
+    """A capture process's settings; a live one leaves the collectors' datagrams out (own export)."""
+    return capture_process.CaptureSettings(index=index, files=files, direction=p.direction,
+                                           local_networks=p.local_networks, drop_prefixes=p.drop_prefixes,
+                                           exclude=exclusions(p) if live else ())
+
+
+def worker_settings(p: Profile, index: int, workers: int, producers: int, live: bool,
+                    ) -> worker_process.WorkerSettings:
+    """A worker's settings: its share of MaxFlows, the timeouts, the observation domain."""
+    return worker_process.WorkerSettings(index=index, max_flows=max(64, -(-p.max_flows // workers)),
+                                         idle_timeout_ns=p.idle_timeout_ms * 1_000_000,
+                                         interval_ns=p.interval_ms * 1_000_000, domain=p.observation_domain_id,
+                                         producers=producers, live=live)

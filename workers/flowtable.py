@@ -360,9 +360,15 @@ class FlowTable:
         return rest if first is None or len(first) == 0 else np.concatenate([first, rest])
 
     def set_interval(self, interval_ns: int) -> None:
-        """Change the active timeout (SIGHUP reload); cached flows stay and follow the new value."""
+        """Change the active timeout (reload); cached flows stay and follow the new value."""
         _check_interval(interval_ns)
         self._st[INTERVAL] = interval_ns
+
+    def set_idle_timeout(self, idle_timeout_ns: int) -> None:
+        """Change the idle timeout (reload); cached flows stay and follow the new value."""
+        if idle_timeout_ns <= 0:
+            raise ValueError(f"idle_timeout_ns: {idle_timeout_ns} is not a positive number of ns")
+        self._st[IDLE] = idle_timeout_ns
 
     def _grow_index(self, flows: int) -> None:
         """Rehash into an index that holds ``flows`` within the load factor (at least twice the slots)."""

@@ -13,8 +13,10 @@ its last report says how many.
 """
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import zmq
@@ -27,6 +29,8 @@ from flowmeter.ipc.schema import (EndOfStream, PacketsHeader, SchemaError, parse
                                   records_message)
 from workers.flowtable import FlowTable
 from workers.records import REASON_NAMES, to_template_batches
+
+log = logging.getLogger("flowmeter.worker")
 
 POLL_MS = 100
 DRAIN_QUIET_MS = 100
@@ -57,6 +61,7 @@ class WorkerHandover:
     """What the supervisor hands a worker across the fork."""
 
     rings: dict[str, BatchRing] = field(default_factory=dict)  # each capture process's batch ring, by its name
+    reload: Callable[[], WorkerSettings] | None = None  # on a reload: the new settings (the profile's)
 
 
 class Worker:
@@ -78,6 +83,13 @@ class Worker:
         self.clocks: dict[str, int] = {}  # producer -> the capture clock of its latest batch
         self.clock_ns = 0
         self.active_peak = 0
+
+    def apply(self, settings: WorkerSettings) -> None:
+        """New timeouts and observation domain (a reload); the cached flows stay and follow them."""
+        self.table.set_interval(settings.interval_ns)
+        self.table.set_idle_timeout(settings.idle_timeout_ns)
+        self.settings = replace(self.settings, interval_ns=settings.interval_ns,
+                                idle_timeout_ns=settings.idle_timeout_ns, domain=settings.domain)
 
     def emit(self, records: np.ndarray) -> None:
         for name, batch in to_template_batches(records):
@@ -175,7 +187,7 @@ class Worker:
 
 def run(settings: WorkerSettings, endpoints: WorkerEndpoints, handover: WorkerHandover) -> int:
     """The worker's life: bind, meter until end-of-stream or a signal, flush, say so."""
-    with StageRuntime(f"worker-{settings.index}", "worker", endpoints.control) as rt:
+    with StageRuntime(f"worker-{settings.index}", "worker", endpoints.control, reload=True) as rt:
         pull = rt.socket(zmq.PULL, bind=endpoints.packets, receive_hwm=1000, close_linger_ms=0)
         push = rt.socket(zmq.PUSH, connect=endpoints.records, send_hwm=SEND_HWM,
                          linger_ms=LINGER_MS)  # every record reaches a live exporter
@@ -192,6 +204,8 @@ def run(settings: WorkerSettings, endpoints: WorkerEndpoints, handover: WorkerHa
                 worker.handle(frames)
 
         while not rt.stop and len(worker.producers_done) < settings.producers:
+            if rt.stop.take_reloads():
+                _reload(worker, handover.reload)
             if poller.poll(POLL_MS):
                 receive_waiting()
             now = time.monotonic()
@@ -209,3 +223,13 @@ def run(settings: WorkerSettings, endpoints: WorkerEndpoints, handover: WorkerHa
             push.send(EndOfStream(worker.name, worker.seq).pack())
         rt.final(worker.counters())
     return 0
+
+
+def _reload(worker: Worker, reload: Callable[[], WorkerSettings] | None) -> None:
+    """The supervisor's reload: the new timeouts and domain, or one line and the running ones."""
+    if reload is None:
+        return
+    try:
+        worker.apply(reload())
+    except (OSError, ValueError) as exc:
+        log.error("reload failed, keeping the running settings: %s", exc)

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -75,6 +75,7 @@ class CaptureHandover:
     ring: BatchRing | None = None  # this process's batch ring, shared with the workers
     source: Source | None = None  # a live source opened before the fork (it needs root)
     open_source: Callable[[], Source] | None = None  # else a live source this process opens (a feed)
+    reload: Callable[[], CaptureSettings] | None = None  # on a reload: the new settings (the profile's)
 
 
 def _not_metered(counters: CaptureCounters, cause: str, n: int) -> None:
@@ -105,6 +106,15 @@ class Capture:
         self._status = np.empty(BATCH_PACKETS, dtype=np.uint8)
         self._exclude = np.array(settings.exclude, dtype=np.uint64).reshape(-1, 4)
         self.errors: list[str] = []
+
+    def apply(self, settings: CaptureSettings) -> None:
+        """New Direction, LocalNetworks, DropPrefixes and collectors left out (a reload), from the next batch on."""
+        self.settings = settings
+        self.policy = DirectionPolicy(settings.direction, settings.local_networks, settings.drop_prefixes)
+        counts = self.router.counts
+        self.router = Router(self.workers, self.policy)
+        self.router.counts = counts
+        self._exclude = np.array(settings.exclude, dtype=np.uint64).reshape(-1, 4)
 
     def meter_file(self, path: str, stop=lambda: False, progress=lambda: None) -> None:
         try:
@@ -208,7 +218,7 @@ class Capture:
 def run(settings: CaptureSettings, endpoints: CaptureEndpoints, handover: CaptureHandover) -> int:
     """The capture's life: every file in turn, or the live source until SIGTERM/SIGINT; then
     end-of-stream to every worker. With a batch ring the batches' rows go through its slots."""
-    with StageRuntime(f"capture-{settings.index}", "capture", endpoints.control) as rt:
+    with StageRuntime(f"capture-{settings.index}", "capture", endpoints.control, reload=True) as rt:
         pushes = [rt.socket(zmq.PUSH, connect=ep, send_hwm=SEND_HWM, linger_ms=LINGER_MS)  # every batch
                   for ep in endpoints.workers]                                          # reaches a live worker
         source = handover.source
@@ -219,7 +229,12 @@ def run(settings: CaptureSettings, endpoints: CaptureEndpoints, handover: Captur
         cap = Capture(settings, len(pushes), lambda w, frames: pushes[w].send_multipart(frames, copy=False),
                       handover.ring, stop=lambda: bool(rt.stop), at_once=lambda: rt.stop.at_once)
 
-        def progress() -> None:
+        def progress() -> None:  # after every batch
+            if rt.stop.take_reloads() and handover.reload is not None:
+                try:
+                    cap.apply(replace(handover.reload(), index=settings.index, files=settings.files))
+                except (OSError, ValueError) as exc:
+                    log.error("reload failed, keeping the running settings: %s", exc)
             rt.progress(cap.report)
 
         try:

@@ -125,3 +125,11 @@ def test_demo_replays_the_shipped_capture_end_to_end():
     # the records themselves were printed, both families and directions
     assert re.search(r"^\S+ \S+ TCP +10\.", r.stdout, re.M) and "2001:db8:" in r.stdout
     assert re.search(r" out ", r.stdout) and re.search(r" in ", r.stdout)
+
+
+def test_reload_without_a_run_is_one_clear_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "flowmeter.cli", "reload", "--pid", "999999999"], capture_output=True,
+                       text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "XDG_RUNTIME_DIR": str(tmp_path)},
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 1
+    assert r.stderr == "flowmeter: reload: no flowmeter run is running (as this user) with pid 999999999\n"
