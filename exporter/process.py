@@ -97,9 +97,10 @@ class Exporter:
             self._drop("bad header")
             return
         last = self._last_seq.get(header.sender)
-        if last is not None and header.seq != last + 1:
-            self.stats.gaps += 1
-        self._last_seq[header.sender] = header.seq
+        if header.seq >= 0:  # -1: an end-of-stream the supervisor sent for a producer that died
+            if last is not None and header.seq != last + 1:
+                self.stats.gaps += 1
+            self._last_seq[header.sender] = header.seq
         if isinstance(header, EndOfStream):
             self.producers_done.add(header.sender)
             return
@@ -234,7 +235,7 @@ def _export_until_stopped(rt: StageRuntime, sock, exporter: Exporter, producers:
             exp.flush(now)
             last_send = now
         exp.tick(now)
-        rt.progress(exporter.counters, now)
+        rt.progress(exporter.counters, now, urgent=bool(events) or wait is not None)
         if now - last_report >= REPORT_S:
             for line in _collector_report(exp, reported):
                 log.warning(line)
@@ -252,7 +253,12 @@ def _export_until_stopped(rt: StageRuntime, sock, exporter: Exporter, producers:
         log.info("sending the %d queued message(s) before exit", queued)
     # a stop request while draining, or a stop at once: give up the queue
     stops = rt.stop.stops
-    if not exp.drain(stop=lambda: rt.stop.at_once or rt.stop.stops > stops):
+
+    def give_up() -> bool:  # asked between the paced sends of the drain, which reports as it goes
+        rt.progress(exporter.counters, urgent=True)
+        return rt.stop.at_once or rt.stop.stops > stops
+
+    if not exp.drain(stop=give_up):
         log.warning("stopped again while draining: queued messages given up (counted as not sent)")
     for line in _collector_report(exp, reported, final=True):
         log.warning(line)

@@ -44,6 +44,9 @@ class ChildInfo:
     counters: RoleCounters | None = None
     error: str = ""
     ended_s: float = 0.0  # when it exited, seconds after the pipeline started
+    heard: float = 0.0  # time.monotonic() of its last report (its heartbeat), or of its start
+    replaced: bool = False  # it died and a successor of the same name took over (or will)
+    hung: bool = False  # killed by the supervisor for reporting nothing for ``HANG_S``
 
 
 class PipelineReport:
@@ -60,6 +63,7 @@ class PipelineReport:
         self.progress = progress
         self.started = 0.0  # time.monotonic() when the children were started
         self.elapsed = 0.0  # seconds the pipeline ran, once it ended
+        self.incidents: list = []  # flowmeter.recovery.Incident: children that died or hung, and their restarts
         self._status_written = 0.0
         self._sources_logged = 0.0
 
@@ -95,39 +99,44 @@ class PipelineReport:
                          "not sent")
         if not exp.collectors:
             lines.append("exporting is off: no records were sent")
+        if self.incidents:
+            lines.append("restarts: " + "; ".join(i.line() for i in self.incidents))
         lines.append("lost: " + ("; ".join(self.losses()) or "none"))
         return "\n".join(lines + self.source_lines())
 
     def losses(self) -> list[str]:
         """What was metered and did not reach the collectors, by where it was lost (empty: nothing).
 
-        From the last counters each process reported: exact for processes
-        that ended on their own, as of their last report (every
-        ``PROGRESS_S``) for one that was killed.
+        Counted from the processes' reports, summed over every process of a
+        name (a restarted child's predecessors too): packets metered that no
+        exporter received (a worker that died with its flows, batches on
+        their way to a process that died), records an exporter did not send
+        (per collector and cause), and records an exporter that died still
+        held. A killed process's figures are those of its last report, sent
+        at most ``URGENT_S`` after each change while it was busy; the parts
+        add up to every packet metered that a collector was not sent.
         """
         t = self.totals()
         cap, wrk, exp = t["capture"], t["worker"], t["exporter"]
         out = []
-        killed = any(c.role == "exporter" and c.process.exitcode not in (None, 0) for c in self.children)
-        unmetered = cap.packets - wrk.packets
-        if unmetered > 0:
-            out.append(f"{unmetered:,} packets sent to workers that ended before metering them")
-        held = wrk.packets - wrk.packets_out
-        if wrk.active_flows > 0 or held > 0:
-            out.append(f"{wrk.active_flows:,} flows ({max(held, 0):,} packets) held by workers that ended "
-                       "without flushing them")
-        unreceived = wrk.records_out - exp.records
-        if unreceived > 0:
-            out.append(f"{unreceived:,} records ({max(wrk.packets_out - exp.packets, 0):,} packets) "
-                       "made by workers never reached the exporter")
+        inside = cap.packets - exp.packets
+        if inside:
+            held = f"; {wrk.active_flows:,} flows were held by workers that ended without flushing them" \
+                if wrk.active_flows else ""
+            out.append(f"{inside:,} packets metered never reached the exporter{held}")
         for name, c in exp.collectors.items():
             if c.not_sent_records:
                 causes = ", ".join(f"{k} {v:,}" for k, v in sorted(c.errors.items()))
                 out.append(f"collector {name}: {c.not_sent_records:,} records ({c.not_sent_packets:,} packets) "
                            f"not sent" + (f" ({causes})" if causes else ""))
-            if c.queued_messages and killed:
-                out.append(f"collector {name}: {c.queued_messages:,} messages still queued when the exporter "
-                           "was killed")
+        for child in self.children:
+            if child.role != "exporter" or child.counters is None or child.process.exitcode in (None, 0):
+                continue
+            for name, c in child.counters.collectors.items():
+                held = child.counters.packets - c.packets - c.not_sent_packets
+                if held:
+                    out.append(f"collector {name}: {held:,} packets held by {child.name} (pid {child.process.pid}) "
+                               "when it died")
         return out
 
     def source_lines(self) -> list[str]:
@@ -174,6 +183,7 @@ class PipelineReport:
         self._status_written = now
         doc = {"pid": os.getpid(), "profile": self.profile, "uptime_s": round(now - self.started, 1),
                "sources": self.sources, "lines": self.source_lines(),
+               "incidents": [i.line() for i in self.incidents], "lost": self.losses(),
                "children": {c.name: {"role": c.role, "pid": c.process.pid, "alive": c.process.exitcode is None,
                                      "counters": to_wire(c.counters) if c.counters is not None else {}}
                             for c in self.children}}
@@ -208,6 +218,8 @@ def describe_runs(runs: list[dict]) -> str:
         lines.append(f"pid {doc['pid']}, profile {doc.get('profile')}, up {doc.get('uptime_s', 0):,.0f} s, "
                      f"sources: {', '.join(doc.get('sources', []))}")
         lines.extend(f"  {line}" for line in doc.get("lines", []))
+        lines.extend(f"  restart: {line}" for line in doc.get("incidents", []))
+        lines.extend(f"  lost: {line}" for line in doc.get("lost", []))
         for name, child in sorted(doc.get("children", {}).items()):
             c = child.get("counters", {})
             lines.append(f"  {name}: pid {child.get('pid')}, {'running' if child.get('alive') else 'ended'}"

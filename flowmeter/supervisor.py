@@ -58,8 +58,10 @@ from flowmeter.capture.sources.afpacket import NEW_GROUP
 from flowmeter.capture.sources.live import OPENED_BEFORE_FORK, open_source
 from flowmeter.config import SECTION, ConfigError, Profile, load_profile, reload_profile
 from flowmeter.ipc.batchring import BatchRing
-from flowmeter.ipc.lifecycle import RELOAD_SIGNAL, STOP_DEADLINE_S, STOP_NOW_SIGNAL, STOP_SIGNAL, child_main
-from flowmeter.ipc.schema import ErrorReport, SchemaError, parse_control
+from flowmeter.ipc.lifecycle import (CONFIG_EXIT, RELOAD_SIGNAL, STOP_DEADLINE_S, STOP_NOW_SIGNAL, STOP_SIGNAL,
+                                     child_main)
+from flowmeter.ipc.schema import EndOfStream, ErrorReport, SchemaError, parse_control
+from flowmeter.recovery import CRASH_LOOP, CRASH_WINDOW_S, HANG_S, Incident, Restarts
 from flowmeter.status import ChildInfo, PipelineReport
 from flowmeter.warmup import drop_privileges, load_kernels, tune_allocator
 from workers import process as worker_process
@@ -102,6 +104,18 @@ class Supervisor:
         self._stopped_now = ""  # why the drain was cut short ("" while it was not)
         self._profile_copy = ""  # in the run's directory: the profile a reload applies, as checked here
         self._give_up_by = 0.0  # then the exporter is killed if it has not ended by this time
+        self.restarts = Restarts()
+        self.report.incidents = self.restarts.incidents
+        self._recipes: dict[str, tuple] = {}  # name -> (role, entry, args, own source): how to start it again
+        self._sources: list = []  # live sources opened here, kept for a capture process started again
+        self._endpoints: dict[str, str] = {}  # consumer name -> its input endpoint
+        self._pending: dict[str, float] = {}  # name -> when its restart is due
+        self._last_incident: dict[str, Incident] = {}
+        self._eos_pushes: dict[str, zmq.Socket] = {}  # end-of-stream on behalf of a dead producer
+        self._rings: dict[str, BatchRing] = {}
+        self._poller: zmq.Poller | None = None
+        self._ctx: zmq.Context | None = None
+        self._why_stopped = ""
         self._handlers: dict[int, Callable[[], None]] = {
             signal.SIGTERM: self._drain, signal.SIGINT: self._drain, signal.SIGHUP: self._reload}
 
@@ -242,6 +256,8 @@ class Supervisor:
         control = ctx.socket(zmq.PULL)
         control.bind(control_endpoint)
         self.report.started = time.monotonic()
+        self._ctx = ctx
+        self._rings = rings
         self._start_children(rundir, control_endpoint, opened, rings)
         crashed: ChildInfo | None = None
         try:
@@ -252,6 +268,8 @@ class Supervisor:
             self.report.elapsed = time.monotonic() - self.report.started
             for c in self.children:
                 c.process.join(1)
+            for push in self._eos_pushes.values():
+                push.close(1000)
             control.close(0)
             ctx.term()
             self.report.end_progress()
@@ -259,69 +277,87 @@ class Supervisor:
             self.errors.insert(0, f"{self._stopped_now}: stopped at once; "
                                + "; ".join(self.report.losses() or ["nothing was lost"]))
             return 1
+        if self.restarts.incidents and not self.live and crashed is None:  # a replay must be complete
+            self.errors.insert(0, f"{self.restarts.count()} process(es) died during the replay: see the "
+                               "restarts and lost lines")
         if crashed is not None:
-            how = (f"killed by signal {-crashed.process.exitcode}" if crashed.process.exitcode < 0
-                   else f"exited with code {crashed.process.exitcode}")
-            self.errors.insert(0, f"{crashed.name} (pid {crashed.process.pid}) {how}; pipeline stopped")
+            self.errors.insert(0, f"{crashed.name} (pid {crashed.process.pid}) {_how(crashed)}; "
+                               f"pipeline stopped{self._why_stopped}")
             return 1
         return 1 if self.errors else 0
 
     def _start_children(self, rundir: str, control: str, opened: list, rings: dict[str, BatchRing]) -> None:
-        """Fork the exporter, the workers and the capture processes (consumers before their producers)."""
+        """Fork the exporter, the workers and the capture processes (consumers before their producers).
+
+        What each is started with is kept (``_recipes``): a child that dies
+        is started again from it. The live sources opened here stay open in
+        this process too, for a capture process started again.
+        """
         p = self.profile
         ep_export = f"ipc://{rundir}/export"
         ep_workers = tuple(f"ipc://{rundir}/worker-{i}" for i in range(self.workers))
-        sources = [source for _spec, source in opened if source is not None]
-        mp = multiprocessing.get_context("fork")
-
-        def start(name: str, role: str, target: Callable, args: tuple, own=None) -> None:
-            nice = self.data_plane_nice if role in ("capture", "worker") else 0
-            foreign = tuple(s for s in sources if s is not own)
-            proc = mp.Process(target=child_main, args=(name, target, args, nice, foreign, role == "capture"),
-                              name=f"flowmeter-{name}")
-            proc.start()
-            self.children.append(ChildInfo(name, role, proc))
-
+        self._endpoints = {"exporter": ep_export, **{f"worker-{i}": ep for i, ep in enumerate(ep_workers)}}
+        self._sources = [source for _spec, source in opened if source is not None]
         copy = self._profile_copy
 
         def reloaded() -> Profile:  # in a child, on the supervisor's reload: the profile it checked
             return load_profile(copy)
 
-        start("exporter", "exporter", exporter_process.run,
-              (exporter_process.ExporterSettings(export_settings(p), producers=self.workers),
-               exporter_process.ExporterEndpoints(ep_export, control),
-               exporter_process.ExporterHandover(lambda: export_settings(reloaded()))))
+        self._recipe("exporter", "exporter", exporter_process.run,
+                     (exporter_process.ExporterSettings(export_settings(p), producers=self.workers),
+                      exporter_process.ExporterEndpoints(ep_export, control),
+                      exporter_process.ExporterHandover(lambda: export_settings(reloaded()))))
         producers = self.captures + len(opened)
         for i in range(self.workers):
             def worker_reload(i=i) -> worker_process.WorkerSettings:
                 return worker_settings(reloaded(), i, self.workers, producers, bool(opened))
-            start(f"worker-{i}", "worker", worker_process.run,
-                  (worker_settings(p, i, self.workers, producers, bool(opened)),
-                   worker_process.WorkerEndpoints(ep_workers[i], ep_export, control),
-                   worker_process.WorkerHandover(rings, worker_reload)))
+            self._recipe(f"worker-{i}", "worker", worker_process.run,
+                         (worker_settings(p, i, self.workers, producers, bool(opened)),
+                          worker_process.WorkerEndpoints(ep_workers[i], ep_export, control),
+                          worker_process.WorkerHandover(rings, worker_reload)))
         endpoints = capture_process.CaptureEndpoints(ep_workers, control)
         for i in range(self.captures):
             # One capture process: the files in order (e.g. a rotated capture). Several: the files
             # are dealt out and read at the same time (e.g. one file per member of a fanout group).
-            start(f"capture-{i}", "capture", capture_process.run,
-                  (capture_settings(p, i, files=self.files[i::self.captures]), endpoints,
-                   capture_process.CaptureHandover(rings[f"capture-{i}"],
-                                                   reload=lambda: capture_settings(reloaded(), 0))))
+            self._recipe(f"capture-{i}", "capture", capture_process.run,
+                         (capture_settings(p, i, files=self.files[i::self.captures]), endpoints,
+                          capture_process.CaptureHandover(rings[f"capture-{i}"],
+                                                          reload=lambda: capture_settings(reloaded(), 0))))
         for n, (spec, source) in enumerate(opened):
             i = self.captures + n
             handover = capture_process.CaptureHandover(
                 rings[f"capture-{i}"], source, partial(open_source, spec, p) if source is None else None,
                 reload=lambda: capture_settings(reloaded(), 0, live=True))
-            start(f"capture-{i}", "capture", capture_process.run,
-                  (capture_settings(p, i, live=True), endpoints, handover), own=source)
-        for source in sources:  # each is its capture process's now
-            source.close()
-        opened.clear()
+            self._recipe(f"capture-{i}", "capture", capture_process.run,
+                         (capture_settings(p, i, live=True), endpoints, handover), own=source)
+        for name in self._recipes:
+            self._spawn(name)
+
+    def _recipe(self, name: str, role: str, target: Callable, args: tuple, own=None) -> None:
+        self._recipes[name] = (role, target, args, own)
+
+    def _spawn(self, name: str) -> ChildInfo:
+        """Start (or start again) the child ``name`` from its recipe."""
+        role, target, args, own = self._recipes[name]
+        nice = self.data_plane_nice if role in ("capture", "worker") else 0
+        foreign = tuple(s for s in self._sources if s is not own)
+        proc = multiprocessing.get_context("fork").Process(
+            target=child_main, args=(name, target, args, nice, foreign, role == "capture"), name=f"flowmeter-{name}")
+        proc.start()
+        child = ChildInfo(name, role, proc, heard=time.monotonic())
+        self.children.append(child)
+        if self._poller is not None:
+            self._poller.register(proc.sentinel, zmq.POLLIN)
+        return child
+
+    def _current(self) -> list[ChildInfo]:
+        """The latest process of every name (a dead one that was replaced is not)."""
+        return [c for c in self.children if not c.replaced]
 
     def _watch(self, control: zmq.Socket, rundir: str) -> ChildInfo | None:
-        """Act on signals and the children's reports until every child has ended; the child that
-        crashed (the others then stopped), if one did."""
-        poller = zmq.Poller()
+        """Act on signals, reports, deaths and hangs until every child has ended; the child whose
+        failure stopped the run (the others then stopped), if one did."""
+        poller = self._poller = zmq.Poller()
         poller.register(control, zmq.POLLIN)
         for c in self.children:  # a child's exit wakes the loop at once
             poller.register(c.process.sentinel, zmq.POLLIN)
@@ -352,12 +388,86 @@ class Supervisor:
                 if all(c.process.exitcode is not None for c in self.children):
                     return None
                 continue
-            crashed = next((c for c in self.children if c.process.exitcode not in (None, 0)), None)
-            if crashed is not None:
-                self._stop_after_crash(crashed)
-                return crashed
-            if all(c.process.exitcode is not None for c in self.children):
+            failed = self._failures(now)
+            if failed is not None:
+                self._stop_after_crash(failed)
+                return failed
+            for name, due in list(self._pending.items()):
+                if now >= due:
+                    del self._pending[name]
+                    self._restart(name, now)
+            if not self._pending and all(c.process.exitcode is not None for c in self._current()):
                 return None
+
+    def _failures(self, now: float) -> ChildInfo | None:
+        """Deal with every child that died or hung since the last look; the one that stops the run, if any."""
+        for c in self._current():
+            code = c.process.exitcode
+            if code is None:
+                if now - c.heard >= HANG_S:  # stopped or stuck: treated as a crash
+                    c.hung = True
+                    c.process.kill()
+                continue
+            if code == 0 or c.name in self._pending:
+                continue
+            at = now - self.report.started
+            how = f"hung: no report for {HANG_S:g} s, killed" if c.hung else _how(c)
+            incident = self.restarts.died(c.name, how, at)
+            log.error("%s (pid %d) %s", c.name, c.process.pid, how)
+            if code == CONFIG_EXIT:
+                self._why_stopped = " (an error a restart cannot fix)"
+                return c
+            if self._draining is not None:  # no restart while stopping: its consumers are told it ended
+                c.replaced = True
+                self._end_of_stream_for(c)
+                self._last_incident[c.name] = incident
+                continue
+            if c.role == "capture" and self.files and c.name in {f"capture-{i}" for i in range(self.captures)}:
+                # a capture file is not read twice: what it had not read is not metered
+                c.replaced = True
+                self.errors.append(f"{c.name} {how}: the rest of its capture files was not read")
+                self._end_of_stream_for(c)
+                continue
+            delay = self.restarts.delay(c.name, at)
+            if delay is None:
+                self._why_stopped = f" ({c.name} died {CRASH_LOOP + 1} times within {CRASH_WINDOW_S:g} s)"
+                return c
+            c.replaced = True
+            if c.role == "worker":  # the batches on their way to it died with it (BatchRing.give_up)
+                index = int(c.name.split("-")[1])
+                for ring in self._rings.values():
+                    ring.give_up(index)
+            self._last_incident[c.name] = incident
+            self._pending[c.name] = now + delay
+        return None
+
+    def _restart(self, name: str, now: float) -> None:
+        child = self._spawn(name)
+        incident = self._last_incident.pop(name, None)
+        if incident is not None:
+            incident.restart_s = now - self.report.started
+        log.warning("%s restarted (pid %d)", name, child.process.pid)
+        # producers that ended before it started told its predecessor: it is told again
+        if child.role in ("worker", "exporter"):
+            consumers = {"worker": "capture", "exporter": "worker"}[child.role]
+            for c in self.children:
+                if c.role == consumers and not c.replaced and c.process.exitcode == 0:
+                    self._send_end_of_stream(name, c.name)
+
+    def _end_of_stream_for(self, dead: ChildInfo) -> None:
+        """A producer that died and will not be restarted: its consumers are told it has ended."""
+        if dead.role == "capture":
+            for i in range(self.workers):
+                self._send_end_of_stream(f"worker-{i}", dead.name)
+        elif dead.role == "worker":
+            self._send_end_of_stream("exporter", dead.name)
+
+    def _send_end_of_stream(self, consumer: str, producer: str) -> None:
+        push = self._eos_pushes.get(consumer)
+        if push is None:
+            push = self._eos_pushes[consumer] = self._ctx.socket(zmq.PUSH)
+            push.connect(self._endpoints[consumer])
+        push.send(EndOfStream(producer, -1).pack())
 
     def _stop_after_crash(self, crashed: ChildInfo) -> None:
         """Stop the others in pipeline order, each stage with a deadline, then SIGKILL."""
@@ -382,14 +492,20 @@ class Supervisor:
                 msg = parse_control(frame)
             except SchemaError:
                 continue
-            child = next((c for c in self.children if c.name == msg.sender), None)
+            child = next((c for c in self.children if c.name == msg.sender and c.process.pid == msg.pid), None)
             if child is None or child.role != msg.role:
                 continue
+            child.heard = time.monotonic()
             if isinstance(msg, ErrorReport):
                 child.error = msg.message
                 self.errors.append(msg.message)
             else:
                 child.counters = msg.counters
+
+
+def _how(c: ChildInfo) -> str:
+    code = c.process.exitcode
+    return f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
 
 
 # --- what each stage gets from the profile (at start, and again on a reload) ---

@@ -75,6 +75,8 @@ class Worker:
                                packet_clock=settings.producers == 1, lend_output=True)  # emit() consumes at once
         self._send = send
         self.rings = rings or {}  # producer name -> the batch ring its packets messages name slots of
+        # batches older than these were given up for this worker's predecessor (``BatchRing.give_up``)
+        self.floors = {name: ring.floor(settings.index) for name, ring in self.rings.items()}
         self.seq = 0
         self.records_out = 0
         self.packets_out = 0
@@ -129,6 +131,9 @@ class Worker:
         ring = self.rings.get(header.sender)
         if ring is None:
             self._drop("unexpected message")
+            return
+        if header.seq < self.floors[header.sender]:  # for a worker that died; its slot may be in use again
+            self._drop("batches given up")
             return
         try:
             if len(frames) != 1:
@@ -186,43 +191,70 @@ class Worker:
 
 
 def run(settings: WorkerSettings, endpoints: WorkerEndpoints, handover: WorkerHandover) -> int:
-    """The worker's life: bind, meter until end-of-stream or a signal, flush, say so."""
+    """The worker's life: bind, meter until end-of-stream or a stop, flush, say so."""
     with StageRuntime(f"worker-{settings.index}", "worker", endpoints.control, reload=True) as rt:
         pull = rt.socket(zmq.PULL, bind=endpoints.packets, receive_hwm=1000, close_linger_ms=0)
         push = rt.socket(zmq.PUSH, connect=endpoints.records, send_hwm=SEND_HWM,
                          linger_ms=LINGER_MS)  # every record reaches a live exporter
-        worker = Worker(settings, lambda frames: push.send_multipart(frames, copy=False), handover.rings)
-        poller = zmq.Poller()
-        poller.register(pull, zmq.POLLIN)
 
-        def receive_waiting() -> None:
+        def send(frames: list) -> None:
+            """To the exporter; while it is behind (or being restarted) this waits, reporting: alive."""
             while True:
                 try:
-                    frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
+                    push.send_multipart(frames, zmq.NOBLOCK, copy=False)
                     return
-                worker.handle(frames)
+                except zmq.Again:
+                    if rt.stop.at_once:
+                        raise StoppedAtOnce() from None
+                    push.poll(POLL_MS, zmq.POLLOUT)
+                    rt.progress(worker.counters)
 
-        while not rt.stop and len(worker.producers_done) < settings.producers:
-            if rt.stop.take_reloads():
-                _reload(worker, handover.reload)
-            if poller.poll(POLL_MS):
-                receive_waiting()
-            now = time.monotonic()
-            rt.orphaned(now)
-            if settings.live:
-                worker.tick(time.time_ns())
-            rt.progress(worker.counters, now)
-        if rt.stop:  # batches already sent to us are still metered
-            while not rt.stop.at_once and poller.poll(DRAIN_QUIET_MS):
-                receive_waiting()
-        if rt.stop.at_once:  # the flows held are lost: the last report counts them (active_flows)
-            push.setsockopt(zmq.LINGER, 0)
-        else:
+        worker = Worker(settings, send, handover.rings)
+        try:
+            _meter_until_stopped(rt, worker, pull, handover.reload)
+            if rt.stop.at_once:
+                raise StoppedAtOnce()
             worker.finish()
-            push.send(EndOfStream(worker.name, worker.seq).pack())
+            send([EndOfStream(worker.name, worker.seq).pack()])
+        except StoppedAtOnce:  # the flows held are lost: the last report counts them (active_flows)
+            push.setsockopt(zmq.LINGER, 0)
         rt.final(worker.counters())
     return 0
+
+
+class StoppedAtOnce(Exception):
+    """A stop at once: the flows held are not flushed, and a send waiting for the exporter gives up."""
+
+
+def _meter_until_stopped(rt: StageRuntime, worker: Worker, pull,
+                         reload: Callable[[], WorkerSettings] | None) -> None:
+    """Meter what comes until every producer has ended or a stop; on a stop, what was sent already too."""
+    poller = zmq.Poller()
+    poller.register(pull, zmq.POLLIN)
+
+    def receive_waiting() -> None:
+        while True:
+            try:
+                frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            worker.handle(frames)
+
+    settings = worker.settings
+    while not rt.stop and len(worker.producers_done) < settings.producers:
+        if rt.stop.take_reloads():
+            _reload(worker, reload)
+        busy = bool(poller.poll(POLL_MS))
+        if busy:
+            receive_waiting()
+        now = time.monotonic()
+        rt.orphaned(now)
+        if settings.live:
+            worker.tick(time.time_ns())
+        rt.progress(worker.counters, now, urgent=busy)
+    if rt.stop:  # batches already sent to us are still metered
+        while not rt.stop.at_once and poller.poll(DRAIN_QUIET_MS):
+            receive_waiting()
 
 
 def _reload(worker: Worker, reload: Callable[[], WorkerSettings] | None) -> None:

@@ -87,7 +87,7 @@ class Capture:
     """Decode, classify and shard one capture file's batches (no sockets: testable alone)."""
 
     def __init__(self, settings: CaptureSettings, workers: int, send, ring: BatchRing | None = None,
-                 stop=lambda: False, at_once=lambda: False) -> None:
+                 stop=lambda: False, at_once=lambda: False, beat=lambda: None) -> None:
         self.settings = settings
         self.name = f"capture-{settings.index}"
         self.workers = workers
@@ -97,9 +97,12 @@ class Capture:
         self.ring = ring  # the rows go through this batch ring's slots (else as payload frames)
         self._stop = stop  # a stop was asked (a full ring then waits at most STALL_S for the workers)
         self._at_once = at_once  # a stop at once was asked: wait for nothing, read nothing more
+        self._beat = beat  # called while waiting for the workers: alive, not hung
         if ring is not None and ring.workers != workers:
             raise ValueError(f"ring: made for {ring.workers} workers, not {workers}")
-        self.batches = 0  # batches sent: every worker gets each one (its part may be empty)
+        # batches sent: every worker gets each one (its part may be empty); a capture process started
+        # again goes on from its predecessor's count, so the ring's slots and the workers' view stay in step
+        self.batches = ring.written if ring is not None else 0
         self.clock_ns = 0
         self.counters = CaptureCounters()
         self._rows = np.empty(BATCH_PACKETS, dtype=PACKET_DTYPE)
@@ -162,7 +165,7 @@ class Capture:
         rows, status = self._rows[:n], self._status[:n]
         if self.ring is not None and self.workers == 1 and n <= self.ring.rows:
             # One worker: decode straight into its slot; routing then only compacts the rows in place.
-            self.ring.wait_free(self.batches, self._stop, self._at_once)
+            self.ring.wait_free(self.batches, self._stop, self._at_once, self._beat)
             rows = self.ring.slot(self.batches)[0, :n]
         info = decode_batch(batch, rows, status)
         self.counters.frames += n
@@ -193,10 +196,12 @@ class Capture:
                 _not_metered(self.counters, OWN_EXPORT, int(own.sum()))
         slot = -1
         if self.ring is not None:
-            self.ring.wait_free(self.batches, self._stop, self._at_once)
+            self.ring.wait_free(self.batches, self._stop, self._at_once, self._beat)
             slot = self.batches % self.ring.nslots
         parts, kept, octets, other, newest = self.router.route(
             rows, status, None if self.ring is None else self.ring.slot(self.batches))
+        if self.ring is not None:
+            self.ring.wrote(self.batches)
         self.clock_ns = max(self.clock_ns, newest)
         self.counters.other_direction += other
         self.counters.packets += kept
@@ -227,7 +232,8 @@ def run(settings: CaptureSettings, endpoints: CaptureEndpoints, handover: Captur
         if source is not None:
             log.info("%s open", source.name)
         cap = Capture(settings, len(pushes), lambda w, frames: pushes[w].send_multipart(frames, copy=False),
-                      handover.ring, stop=lambda: bool(rt.stop), at_once=lambda: rt.stop.at_once)
+                      handover.ring, stop=lambda: bool(rt.stop), at_once=lambda: rt.stop.at_once,
+                      beat=lambda: rt.progress(cap.report))
 
         def progress() -> None:  # after every batch
             if rt.stop.take_reloads() and handover.reload is not None:
@@ -235,7 +241,7 @@ def run(settings: CaptureSettings, endpoints: CaptureEndpoints, handover: Captur
                     cap.apply(replace(handover.reload(), index=settings.index, files=settings.files))
                 except (OSError, ValueError) as exc:
                     log.error("reload failed, keeping the running settings: %s", exc)
-            rt.progress(cap.report)
+            rt.progress(cap.report, urgent=True)  # what it handed on: a crash's cost is counted from it
 
         try:
             if source is not None:

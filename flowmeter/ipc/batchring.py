@@ -12,7 +12,8 @@ Layout: one anonymous shared mapping per capture process, made by the
 supervisor before it forks the capture and the workers (so both map the
 same pages, and no file or name outlives the run):
 
-    octets 0..4095           ``released``: int64 per worker, batches it is done with
+    octets 0..4087           ``released``: int64 per worker, batches it is done with
+    octets 4088..4095        ``written``: int64, batches the capture has written
     then                     ``slots`` x ``workers`` x ``rows`` of ``PACKET_DTYPE``
 
 Batch ``seq`` of the capture uses slot ``seq % slots`` for every worker
@@ -23,6 +24,15 @@ ring is the bounded queue between them, as the socket's high-water mark
 was. A worker releases a batch by storing ``seq + 1`` in its counter (an
 aligned 8-octet store: atomic on the CPUs flowmeter runs on); the capture
 only reads them.
+
+A worker that dies never releases again, and the batches on their way to
+it (in its socket, in its queue) die with it. When the supervisor starts
+its successor it gives up those batches for it (``give_up``): the dead
+worker's counter jumps to ``written``, so the capture never waits for
+them, and the new worker, reading that counter as it starts
+(``floor``), drops any older batch still reaching it, whose slot the
+capture may already be writing again. Their packets are lost, and counted
+as such (metered by the capture, never by a worker).
 
 Pages are touched only as rows are written, so a ring sized for whole
 batches costs memory for the rows actually sent.
@@ -39,7 +49,8 @@ from flowmeter.ipc.packets import PACKET_DTYPE
 
 SLOTS = 8  # batches in flight between a capture process and its workers
 HEADER = 4096  # octets before the slots: the release counters
-MAX_WORKERS = HEADER // 8
+WRITTEN = HEADER // 8 - 1  # int64 index of the ``written`` counter
+MAX_WORKERS = WRITTEN
 STALL_S = 5.0  # after a stop, a ring whose workers release nothing for this long is given up
 WAIT_MIN_S = 0.00005  # a full ring is looked at again after this, doubling up to WAIT_MAX_S
 WAIT_MAX_S = 0.002
@@ -60,6 +71,7 @@ class BatchRing:
         self.workers, self.rows, self.nslots = workers, rows, slots
         self._map = mmap.mmap(-1, self.size(workers, rows, slots))  # MAP_SHARED | MAP_ANONYMOUS
         self.released = np.frombuffer(self._map, np.int64, count=workers)
+        self._header = np.frombuffer(self._map, np.int64, count=HEADER // 8)
         self.slots = np.frombuffer(self._map, PACKET_DTYPE, offset=HEADER).reshape(slots, workers, rows)
 
     @staticmethod
@@ -73,12 +85,13 @@ class BatchRing:
         """Batch ``seq``'s slot, ``(workers, rows)`` rows: call ``wait_free(seq)`` first."""
         return self.slots[seq % self.nslots]
 
-    def wait_free(self, seq: int, stop=lambda: False, at_once=lambda: False) -> float:
+    def wait_free(self, seq: int, stop=lambda: False, at_once=lambda: False, beat=lambda: None) -> float:
         """Wait until every worker has released batch ``seq - slots``; return the seconds waited.
 
         ``stop()`` true and no release for ``STALL_S``, or ``at_once()`` true:
         ``RingStalled`` (a worker that stopped early never releases; one that
         is draining does; a stop at once does not wait for either).
+        ``beat()`` is called while it waits (the process is alive, not hung).
         """
         need = seq - self.nslots + 1
         if need <= 0 or int(self.released.min()) >= need:
@@ -88,6 +101,7 @@ class BatchRing:
         pause = WAIT_MIN_S
         while int(self.released.min()) < need:
             time.sleep(pause)
+            beat()
             pause = min(2 * pause, WAIT_MAX_S)
             now = time.monotonic()
             total = int(self.released.sum())
@@ -100,6 +114,24 @@ class BatchRing:
                 raise RingStalled(f"worker-{late[0]} took no batch for {STALL_S:.0f} s while stopping")
         return time.monotonic() - start
 
+    @property
+    def written(self) -> int:
+        """Batches written so far: a capture process started again numbers its batches on from here."""
+        return int(self._header[WRITTEN])
+
+    def wrote(self, seq: int) -> None:
+        """Batch ``seq`` is in its slot (before its messages are sent)."""
+        self._header[WRITTEN] = seq + 1
+
+    # -- the supervisor's side
+
+    def give_up(self, worker: int) -> int:
+        """``worker`` died: every batch written so far is given up for it; returns the successor's floor."""
+        floor = int(self._header[WRITTEN])
+        if self.released[worker] < floor:
+            self.released[worker] = floor
+        return floor
+
     # -- a worker's side
 
     def rows_of(self, slot: int, worker: int, count: int) -> npt.NDArray:
@@ -108,6 +140,10 @@ class BatchRing:
             raise ValueError(f"slot {slot}, worker {worker}, {count} rows: not in a ring of {self.nslots} "
                              f"slots, {self.workers} workers, {self.rows} rows")
         return self.slots[slot, worker, :count]
+
+    def floor(self, worker: int) -> int:
+        """The first batch a worker starting now may meter (older ones were given up: ``give_up``)."""
+        return int(self.released[worker])
 
     def release(self, worker: int, seq: int) -> None:
         """``worker`` is done with batch ``seq`` and every one before it."""

@@ -5,7 +5,9 @@ The supervisor forks every stage process (capture, worker, exporter) into
 sets up its log lines (``flowmeter: worker-1: ...`` on the stderr it shares
 with the supervisor), resets the signal handlers it inherited, runs the
 stage's entry function and exits with its code, or with ``CRASH_EXIT`` and
-one line when an exception escapes.
+one line when an exception escapes (the supervisor restarts it), or with
+``CONFIG_EXIT`` when the error is one a restart cannot fix
+(``FatalStageError``, a permission; the supervisor stops the run).
 
 Every stage's entry function has one shape::
 
@@ -58,8 +60,10 @@ from flowmeter.ipc.schema import ErrorReport, Report
 
 STOP_DEADLINE_S = 30.0  # per stage, before SIGKILL
 ORPHAN_GRACE_S = STOP_DEADLINE_S  # a worker or exporter without supervisor waits this long for its producers
-CRASH_EXIT = 70  # a child's exit code for an unexpected exception (sysexits EX_SOFTWARE)
-PROGRESS_S = 0.5  # a child's counters reach the supervisor this often
+CRASH_EXIT = 70  # a child's exit code for an unexpected exception (sysexits EX_SOFTWARE): it is restarted
+CONFIG_EXIT = 78  # a setting or a permission a restart cannot fix (sysexits EX_CONFIG): the run stops
+PROGRESS_S = 0.5  # a child's counters reach the supervisor this often (its heartbeat)
+URGENT_S = 0.02  # ... and this soon after a change of what a crash would lose
 CONTROL_LINGER_MS = 2000  # at exit, the last counters wait this long for the supervisor
 
 PR_SET_PDEATHSIG = 1
@@ -70,6 +74,11 @@ STOP_SIGNAL = signal.SIGUSR1  # from the supervisor: stop (drain)
 STOP_NOW_SIGNAL = signal.SIGRTMIN + 1  # from the supervisor: stop without waiting (real-time: queued, never merged)
 RELOAD_SIGNAL = signal.SIGUSR2  # from the supervisor: re-read the settings
 SUPERVISOR_SIGNALS = (STOP_SIGNAL, STOP_NOW_SIGNAL, RELOAD_SIGNAL)
+
+class FatalStageError(Exception):
+    """An error a restart of the process cannot fix (a source that cannot be opened, a permission):
+    the process ends with ``CONFIG_EXIT`` and its one line, and the supervisor stops the run."""
+
 
 def _prctl(option: int, arg: Any) -> bool:
     try:
@@ -115,6 +124,10 @@ def child_main(name: str, target: Callable[..., int], args: tuple, nice: int = 0
             pass
     try:
         code = target(*args)
+    except (FatalStageError, PermissionError) as exc:  # a restart would meet it again
+        logging.getLogger(LOGGER).error("%s", exc)
+        sys.stderr.flush()
+        os._exit(CONFIG_EXIT)
     except Exception as exc:  # the top of a process: one line, one exit code
         logging.getLogger(LOGGER).error("%s: %s", type(exc).__name__, exc)
         if os.environ.get("FLOWMETER_DEBUG"):
@@ -223,23 +236,33 @@ class ControlChannel:
 
     def __init__(self, ctx: zmq.Context, endpoint: str, sender: str) -> None:
         self.sender = sender
+        self.pid = os.getpid()
+        self._owed = False  # an urgent report was held back by the rate limit
         self._sock = ctx.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.LINGER, CONTROL_LINGER_MS)
         self._sock.connect(endpoint)
         self._last = time.monotonic()
 
-    def progress(self, counters: Callable[[], RoleCounters], now: float | None = None) -> None:
-        """Send ``counters()`` if ``PROGRESS_S`` has passed since the last time (the call is cheap otherwise)."""
+    def progress(self, counters: Callable[[], RoleCounters], now: float | None = None, urgent: bool = False) -> None:
+        """Send ``counters()`` if ``PROGRESS_S`` has passed since the last time (the call is cheap otherwise).
+
+        ``urgent``: a count that says what a crash would lose changed (packets
+        handed on, records sent): sent after ``URGENT_S`` already, or at the
+        first call after that, so a killed process's last report is that
+        close to its end. Every report is also the process's heartbeat.
+        """
         now = time.monotonic() if now is None else now
-        if now - self._last >= PROGRESS_S:
-            self._sock.send(Report(self.sender, counters()).pack())
+        self._owed = self._owed or urgent
+        if now - self._last >= (URGENT_S if self._owed else PROGRESS_S):
+            self._sock.send(Report(self.sender, counters(), pid=self.pid).pack())
             self._last = now
+            self._owed = False
 
     def final(self, counters: RoleCounters) -> None:
-        self._sock.send(Report(self.sender, counters, final=True).pack())
+        self._sock.send(Report(self.sender, counters, final=True, pid=self.pid).pack())
 
     def error(self, role: str, message: str) -> None:
-        self._sock.send(ErrorReport(self.sender, role, message).pack())
+        self._sock.send(ErrorReport(self.sender, role, message, self.pid).pack())
 
     def close(self) -> None:
         self._sock.close()
@@ -284,9 +307,9 @@ class StageRuntime:
             return True
         return False
 
-    def progress(self, counters: Callable[[], RoleCounters], now: float | None = None) -> None:
+    def progress(self, counters: Callable[[], RoleCounters], now: float | None = None, urgent: bool = False) -> None:
         if self.control is not None:
-            self.control.progress(counters, now)
+            self.control.progress(counters, now, urgent)
 
     def final(self, counters: RoleCounters) -> None:
         if self.control is not None:

@@ -18,9 +18,10 @@ packets     capture->worker    sender, seq, count, clock_ns, slot          ``cou
                                                                            none: in a ring slot
 eos         any producer->     sender, seq                                 none
             its consumer
-progress    child->supervisor  sender, role, counters (map)                none
-stats       child->supervisor  sender, role, counters (map): the last     none
-error       child->supervisor  sender, role, message                      none
+progress    child->supervisor  sender, role, counters (map), pid           none
+stats       child->supervisor  sender, role, counters (map): the last,    none
+                               pid
+error       child->supervisor  sender, role, message, pid                 none
 ==========  =================  ==========================================  =====================
 
 * ``v`` is the schema version (``VERSION``); a receiver drops (and counts)
@@ -133,6 +134,7 @@ class Report:
     sender: str
     counters: RoleCounters
     final: bool = False
+    pid: int = 0  # the sender's process: a restarted child's reports are not its predecessor's
 
     @property
     def role(self) -> str:
@@ -140,7 +142,8 @@ class Report:
 
     def pack(self) -> bytes:
         return msgpack.packb({"kind": KIND_STATS if self.final else KIND_PROGRESS, "v": VERSION,
-                              "sender": self.sender, "role": self.role, "counters": to_wire(self.counters)})
+                              "sender": self.sender, "role": self.role, "counters": to_wire(self.counters),
+                              "pid": self.pid})
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,10 +153,11 @@ class ErrorReport:
     sender: str
     role: str
     message: str
+    pid: int = 0
 
     def pack(self) -> bytes:
         return msgpack.packb({"kind": KIND_ERROR, "v": VERSION, "sender": self.sender, "role": self.role,
-                              "message": self.message})
+                              "message": self.message, "pid": self.pid})
 
 
 def parse_control(frame: bytes | memoryview) -> Report | ErrorReport:
@@ -166,18 +170,20 @@ def parse_control(frame: bytes | memoryview) -> Report | ErrorReport:
         raise SchemaError(f"control message is not msgpack: {type(exc).__name__}") from None
     if not isinstance(h, dict) or h.get("v") != VERSION or h.get("kind") not in CONTROL_KINDS:
         raise SchemaError("not a control message of this schema version")
-    sender, role = h.get("sender"), h.get("role")
+    sender, role, pid = h.get("sender"), h.get("role"), h.get("pid", 0)
     if not isinstance(sender, str) or role not in BY_ROLE:
         raise SchemaError("control message without sender or with an unknown role")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        raise SchemaError("control message with a pid that is not a number")
     if h["kind"] == KIND_ERROR:
         if not isinstance(h.get("message"), str):
             raise SchemaError("error message without text")
-        return ErrorReport(sender, role, h["message"])
+        return ErrorReport(sender, role, h["message"], pid)
     try:
         counters = from_wire(BY_ROLE[role], h.get("counters"))
     except CountersError as exc:
         raise SchemaError(f"{h['kind']} of {sender}: {exc}") from None
-    return Report(sender, counters, final=h["kind"] == KIND_STATS)
+    return Report(sender, counters, final=h["kind"] == KIND_STATS, pid=pid)
 
 
 def records_message(sender: str, seq: int, template: str, domain: int, records: npt.NDArray) -> list:

@@ -262,17 +262,29 @@ def test_sigterm_during_run_drains_every_metered_flow(tmp_path):
     assert sum(r["in_packets"] for r in rows) == metered  # nothing metered is lost on a clean stop
 
 
-def test_a_crashed_worker_stops_the_pipeline_with_its_error(tmp_path):
+def test_a_killed_worker_is_restarted_and_what_it_held_is_counted_as_lost(tmp_path):
     cap = _big_capture(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "flowmeter.cli", "replay", str(cap), "--workers", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    nf = Nfcapd(tmp_path / "nfcapd")
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps({"FlowMetadata": {"IpFixCollectors": [nf.collector], "StatisticsIntervalSeconds": 0}}))
+    proc = subprocess.Popen([sys.executable, "-m", "flowmeter.cli", "replay", str(cap), "--workers", "2",
+                             "--profile", str(profile)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     victim = _wait_for_child(proc.pid, "fm-worker-1")
     assert victim, "worker-1 not found"
     _wait_for_cpu(victim, 0.02)  # metering, far from the end of 3M packets
     os.kill(victim, signal.SIGKILL)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1
-    assert re.search(r"^flowmeter: worker-1 \(pid \d+\) killed by signal 9", err, re.M), err
+    rows = nf.records()
+    assert proc.returncode == 1, err  # a replay that lost packets is not complete
+    m = re.search(r"^restarts: worker-1 killed by signal 9 at ([\d.]+) s; restarted ([\d.]+) s later$", err, re.M)
+    assert m and float(m.group(2)) < 2, err
+    metered = int(re.search(r"([\d,]+) packets metered", err).group(1).replace(",", ""))
+    frames = int(re.search(r"([\d,]+) frames", err).group(1).replace(",", ""))
+    assert frames == 3_000_000, err  # the whole capture was read: worker-0 and the new worker-1 went on
+    lost_line = next(x for x in err.splitlines() if x.startswith("lost: "))
+    lost = sum(int(n.replace(",", "")) for n in re.findall(r"([\d,]+) packets", lost_line))
+    assert lost > 0, err
+    assert sum(r["in_packets"] for r in rows) + lost == metered, err
 
 
 @pytest.mark.parametrize("command", ["replay", "run"])

@@ -158,9 +158,10 @@ def test_the_runtime_reports_to_its_supervisor_over_the_control_channel(pull, mo
         rt.final(WorkerCounters(packets=2))
         assert not rt.orphaned(time.monotonic())
     got = [parse_control(pull.recv()) for _ in range(3)]
-    assert got == [Report("worker-0", WorkerCounters(packets=1)), ErrorReport("worker-0", "worker",
-                                                                              "worker-0: something to say"),
-                   Report("worker-0", WorkerCounters(packets=2), final=True)]
+    me = os.getpid()  # every message names the process: a restarted child's are not its predecessor's
+    assert got == [Report("worker-0", WorkerCounters(packets=1), pid=me),
+                   ErrorReport("worker-0", "worker", "worker-0: something to say", me),
+                   Report("worker-0", WorkerCounters(packets=2), final=True, pid=me)]
 
 
 def test_without_a_supervisor_an_error_is_logged(caplog):

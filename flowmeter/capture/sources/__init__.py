@@ -31,6 +31,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from flowmeter.ipc.lifecycle import FatalStageError
+
 KINDS = ("pcap", "afpacket", "nflog", "feed")
 FORMS = "pcap:PATH, afpacket:IFACE, nflog:GROUP or feed:ENDPOINT"
 
@@ -128,5 +130,5 @@ class Source(Protocol):
         """Give the socket back; safe to call twice."""
 
 
-class SourceError(OSError):
-    """A source that cannot be opened; the message is one line naming it and the cause."""
+class SourceError(OSError, FatalStageError):
+    """A source that cannot be opened or read on; the message is one line naming it and the cause."""

@@ -83,6 +83,7 @@ TCPDUMP_LINKTYPES = {LINKTYPE_ETHERNET: "EN10MB", LINKTYPE_RAW: "RAW"}
 
 _REQ3 = struct.Struct("7I")  # tpacket_req3
 _STATS3 = struct.Struct("3I")  # tpacket_stats_v3: tp_packets, tp_drops, tp_freeze_q_cnt
+_SHARED_FIELDS = 6  # next block, blocks held, frames read, kernel packets, drops, freezes
 _FPROG = struct.Struct("HP")  # sock_fprog: instruction count, pointer to them
 
 
@@ -206,11 +207,11 @@ class AfPacketSource:
             raise SourceError(f"{self.name}: fanout group {fanout_group} is not 0 to 65535")
         self.block_size, self.blocks = block_size, blocks
         self.block_timeout_ms = block_timeout_ms  # a frame is readable at most this long after it came
-        self.frames_read = 0
+        # The reader's place in the ring and its counts live in a page shared by every process
+        # forked after this (MAP_SHARED): a capture process started again after a crash goes on
+        # where the dead one stopped, gives back the blocks it held, and counts on from its counts.
+        self._shared = np.frombuffer(mmap.mmap(-1, mmap.PAGESIZE), np.int64, count=_SHARED_FIELDS)
         self.interface_errors = 0
-        self._stats = [0, 0, 0]
-        self._next = 0  # next block to look at
-        self._held = 0  # blocks before _next still ours (the last batch reads them)
         self._reader = None  # the read() generator that owns _held
         self._sock: socket.socket | None = None
         self._mmap: mmap.mmap | None = None
@@ -231,6 +232,17 @@ class AfPacketSource:
             raise SourceError(f"{self.name}: {self._stage}: {e.strerror or e}") from None
         self.blocks_per_batch = max(1, min(8, blocks // 4))
         self._cols = Columns(self.blocks_per_batch * (block_size // MIN_FRAME_SLOT))
+
+    # the shared fields (see __init__)
+    _next = property(lambda self: int(self._shared[0]), lambda self, v: self._shared.__setitem__(0, v),
+                     doc="next block to look at")
+    _held = property(lambda self: int(self._shared[1]), lambda self, v: self._shared.__setitem__(1, v),
+                     doc="blocks before _next still the reader's (the last batch reads them)")
+    frames_read = property(lambda self: int(self._shared[2]), lambda self, v: self._shared.__setitem__(2, v),
+                           doc="frames walked so far, by every reader of this ring")
+    _stats = property(lambda self: [int(x) for x in self._shared[3:6]],
+                      lambda self, v: self._shared.__setitem__(slice(3, 6), v),
+                      doc="the kernel's packets, drops and freezes so far (each query resets the kernel's)")
 
     def _open(self, fanout_group: int | None, block_timeout_ms: int, bpf_filter: str | None) -> None:
         # Protocol 0: nothing is queued until bind, after the filter and the ring are in place.
@@ -378,8 +390,11 @@ class AfPacketSource:
                 "interface errors": self.interface_errors}
 
     def close(self) -> None:
-        """Unmap the ring and close the socket (batches still in use keep the mapping alive)."""
-        self._held = 0
+        """Unmap the ring and close the socket (batches still in use keep the mapping alive).
+
+        The shared reader state is left as it is: a process closing its copy
+        of a source another process reads must not touch that reader's place.
+        """
         self._reader = None
         self._ring = self._words = np.empty(0, np.uint8)
         if self._mmap is not None:
