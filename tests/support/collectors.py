@@ -6,6 +6,7 @@ the tests compare values, not formats.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -207,6 +208,31 @@ def ipfixdump_records(path: Path) -> list[dict]:
             if m:
                 cur[m.group(2)] = m.group(3).strip()
     return records
+
+
+def ipfixdump_warnings(path: Path) -> list[str]:
+    """What ``ipfixDump`` complains of while reading the file: torn messages, sets without their
+    template, sequence numbers out of order ([] for a file every message of which decodes)."""
+    require("ipfixDump")
+    r = subprocess.run(["ipfixDump", "--in", str(path), "--data"], capture_output=True, text=True, env=UTC_ENV)
+    return [line.strip() for line in r.stderr.splitlines() if line.strip()] + (
+        [f"exit {r.returncode}"] if r.returncode else [])
+
+
+@contextlib.contextmanager
+def tmpfs(directory: Path, size: str = "256k", read_only: bool = False):
+    """A tmpfs of ``size`` mounted on ``directory`` (made if missing) for the block; needs root.
+
+    Where a ``File/`` collector meets a full disk (or, read-only, a directory it cannot write).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    options = f"size={size},mode=0755" + (",ro" if read_only else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)], check=True,
+                   capture_output=True, text=True)
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], capture_output=True)
 
 
 class TsharkCapture:
