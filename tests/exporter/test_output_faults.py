@@ -14,11 +14,10 @@ import zmq
 
 from exporter import exporting, process, transport
 from exporter.exporting import ExportingProcess, ExportSettings
-from exporter.message import HEADER, SET_HEADER
 from exporter.template import default_registry
 from exporter.transport import CollectorAddress
 from flowmeter.ipc.schema import EndOfStream, records_message
-from tests.support.collectors import UdpSink, ipfixdump_records, ipfixdump_warnings, tmpfs
+from tests.support.collectors import UdpSink, ipfix_file_messages, ipfixdump_records, ipfixdump_warnings, tmpfs
 from tests.support.synthetic import synthetic_records
 
 RECORD_LEN = {t.template_id: t.record_length for t in default_registry()}
@@ -28,22 +27,7 @@ MSG = 20 + PER * RECORD_LEN[256]  # its octets
 
 
 def file_messages(path: Path) -> list[tuple[str, int, int]]:
-    """(kind "T"/"D", sequence number, data records) of every message in an IPFIX file, which must
-    end exactly where its last message ends."""
-    data = path.read_bytes()
-    out, off = [], 0
-    while off < len(data):
-        _, length, _, seq, _ = HEADER.unpack_from(data, off)
-        assert length >= 16 and off + length <= len(data), f"torn message at offset {off}"
-        pos, records, kind = off + 16, 0, "T"
-        while pos < off + length:
-            sid, slen = SET_HEADER.unpack_from(data, pos)
-            if sid >= 256:
-                kind, records = "D", records + (slen - 4) // RECORD_LEN[sid]
-            pos += slen
-        out.append((kind, seq, records))
-        off += length
-    return out
+    return ipfix_file_messages(path, RECORD_LEN)
 
 
 def file_collector(path: Path) -> CollectorAddress:
