@@ -210,6 +210,18 @@ def test_reload_with_a_file_that_cannot_be_opened_counts_it_and_keeps_the_others
     assert ipfixdump_warnings(missing) == [] and len(ipfixdump_records(missing)) == 7
 
 
+def test_a_file_that_cannot_be_opened_at_start_is_counted_not_fatal(tmp_path):
+    sink = UdpSink()
+    missing = tmp_path / "gone" / "out.ipfix"
+    exp = ExportingProcess(ExportSettings(collectors=(file_collector(missing), sink.address), stats_interval_s=0))
+    assert exp.unopened() == [f"collector File/{missing}: cannot open: No such file or directory; its records "
+                              f"are counted as not sent and the file is tried again every 1 s"]
+    exp.export(exp.registry[TCP], synthetic_records(TCP, 100), 1)
+    exp.close()
+    assert sink.flow_records() == 100
+    assert exp.sessions[0].counters.not_sent_records == 100
+
+
 def test_every_reload_reopens_the_file_and_the_new_one_decodes_alone(tmp_path):
     path = tmp_path / "out.ipfix"
     exp = _file_exporter(path)
