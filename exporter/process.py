@@ -132,12 +132,12 @@ def _collector_report(exp, last: dict) -> list[str]:
     lines = []
     for name, c in exp.totals()["collectors"].items():
         before = last.get(name, {})
-        if c["errors"] != before:
-            grown = ", ".join(f"{k} {v - before.get(k, 0):,}" for k, v in sorted(c["errors"].items())
-                              if v > before.get(k, 0))
+        grown = {k: v - before.get(k, 0) for k, v in sorted(c["errors"].items()) if v > before.get(k, 0)}
+        if grown:
+            causes = ", ".join(f"{k} {v:,}" for k, v in grown.items())
             detail = f"; {c['last_error']}" if c["last_error"] else ""
-            lines.append(f"collector {name}: messages not sent since the last report: {grown} "
-                         f"({c['not_sent_records']:,} records not sent in all{detail}); retrying")
+            lines.append(f"collector {name}: {sum(grown.values()):,} messages not sent ({causes}{detail}; "
+                         f"{c['not_sent_records']:,} records not sent in all); retrying")
         last[name] = dict(c["errors"])
     return lines
 
