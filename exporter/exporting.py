@@ -23,10 +23,28 @@ its reader cannot follow, and what overflows is lost without a trace at the
 exporter. Nothing here ever waits for tokens: ``pump()`` sends what the
 buckets allow and returns, ``next_send_in()`` says when to call it again,
 and the caller (``exporter/process.py``) goes on receiving batches
-meanwhile; only when a queue is far behind (``QUEUE_SECONDS`` of its
-pace, or ``QUEUE_OCTETS``) does ``backlogged()`` tell it to stop receiving,
-so that the hold-up goes back to the producers and memory stays bounded.
-``drain()`` sends everything queued, paced, before a stop.
+meanwhile. ``drain()`` sends everything queued, paced, before a stop.
+
+Backlog: a paced queue is *full* when it holds ``QUEUE_SECONDS`` of its
+pace (or ``QUEUE_OCTETS``). A full queue is one collector's problem, not
+every collector's: while at least one session is not full (an unpaced
+file or collector never is), new messages keep coming in for all, and a
+full session gives up its own *oldest* messages (counted not sent, cause
+``"queue full"``) to stay at its limit; the others keep their pace. A
+collector that falls behind thus gets the freshest records when it
+catches up, and its memory stays bounded by its limit. Only while *every*
+session is full does ``backlogged()`` tell the caller to stop receiving:
+then nobody keeps up, and holding the producers back (as with one paced
+collector) loses nothing at the exporter. Queues overshoot their limit by
+at most what one turn of the caller receives while all are full.
+
+Files: a ``File/`` collector that cannot be opened or written (full disk,
+I/O error, directory not writable) is a collector that is down: its
+messages are counted not sent under the errno's name and the transport
+tries again by itself (``transport.FileTransport``); nothing of it ever
+raises out of here. Every ``reload()`` reopens the files (logrotate moves
+one away, then SIGHUP), and a reopened file gets the templates before any
+data, so it decodes alone.
 
 Templates (RFC 7011 §8):
 
@@ -54,9 +72,9 @@ import numpy as np
 import numpy.typing as npt
 
 from .message import HEADER_LEN, SET_HEADER_LEN, Message, encode, message_rows
-from .session import Outgoing, Session
+from .session import QUEUE_FULL, Outgoing, Session
 from .template import STATS_NAME, Template, TemplateRegistry, default_registry
-from .transport import SEND_BUFFER, CollectorAddress, open_transport
+from .transport import FILE_RETRY_S, SEND_BUFFER, CollectorAddress, open_transport
 
 STATS_DOMAIN = 0  # RFC 7011 §4: exporter-wide records go in messages with ODID 0
 EXPORT_RATE = 15_000  # default ExportRate of a profile: messages/s per collector (0 = unlimited)
@@ -115,6 +133,12 @@ class ExportingProcess:
         self.records_in = 0
         self.batches_in = 0
 
+    def unopened(self) -> list[str]:
+        """One line per ``File/`` collector whose file is not open now (it is tried again by itself)."""
+        return [f"collector {s.name}: {s.transport.last_error}; its records are counted as not sent "
+                f"and the file is tried again every {FILE_RETRY_S:g} s"
+                for s in self.sessions if getattr(s.transport, "is_open", True) is False]
+
     @staticmethod
     def _session(address: CollectorAddress, settings: ExportSettings) -> Session:
         transport = open_transport(address, settings.socket_buffer)
@@ -151,29 +175,39 @@ class ExportingProcess:
         return out
 
     def _send_templates(self, session: Session, domain: int, now: float) -> bool:
-        """Every template message of ``domain`` to ``session``; False when one did not leave."""
+        """Every template message of ``domain`` to ``session``; False when one did not leave
+        (``session.last_cause`` says why)."""
         for out in self._template_messages_for(domain):
             sent, _ = session.send(out, 0, 1, now)
             if not sent:
                 return False
         return True
 
-    def reload(self, settings: ExportSettings | None = None) -> None:
+    def reload(self, settings: ExportSettings | None = None) -> list[str]:
         """Apply new settings (collectors, sizes, periods, pacing); templates go out again at once.
 
         Sessions whose collector stays keep their sequence numbers and their
         queue; new collectors start at 0; removed ones send what they still
         hold (paced) and are closed then. Open messages are flushed first so
-        nothing received is lost.
+        nothing received is lost. Every ``File/`` collector is reopened at
+        its path (after logrotate's move, a new file, which gets the
+        templates first). Returns one line per collector that could not be
+        opened: a file is kept and tried again (``unopened``); a UDP
+        collector whose socket cannot even be made is left out.
         """
         self.flush()
+        notes = []
         if settings is not None:
             old = {s.transport.address: s for s in self.sessions}
             keep = []
             for a in settings.collectors:
                 s = old.pop(a, None)
                 if s is None:  # a new collector: templates of every domain seen go to it at once
-                    s = self._session(a, settings)
+                    try:
+                        s = self._session(a, settings)
+                    except OSError as exc:
+                        notes.append(f"collector {a}: cannot open: {exc.strerror or exc}; left out")
+                        continue
                     for domain in (*self._flow_domains, *((STATS_DOMAIN,) if settings.stats_interval_s else ())):
                         s.domain(domain)  # due: the next tick() sends them
                 else:
@@ -191,10 +225,16 @@ class ExportingProcess:
                 self._open.clear()
                 self._scratch = Message(settings.max_message)
             self.settings = settings
+        now = time.monotonic()
+        for s in self.sessions:
+            reopen = getattr(s.transport, "reopen", None)
+            if reopen is not None:
+                reopen(now)
         self._template_messages.clear()
         for s in self.sessions:
             s.mark_templates_due()
-        self.pump()
+        self.pump(now)
+        return notes + self.unopened()
 
     # --- data -----------------------------------------------------------
     def export(self, template: Template, records: npt.NDArray, domain: int, now: float | None = None) -> None:
@@ -276,6 +316,10 @@ class ExportingProcess:
     def _enqueue(self, out: Outgoing) -> None:
         for s in self.sessions:
             s.enqueue(out)
+        if not self.backlogged():  # someone keeps up: a full queue gives up its own oldest
+            for s in self.sessions:
+                if self._full(s):
+                    self._trim(s)
 
     def flush(self, now: float | None = None) -> None:
         """Queue every open message and send what may go now (all of it when not paced)."""
@@ -315,7 +359,7 @@ class ExportingProcess:
                     if out.statistics:
                         s.discard_head()  # a statistics record not made is no loss of data
                     else:
-                        s.drop(1)
+                        s.drop(1, s.last_cause)
                     continue
                 allowance = s.allowance()
                 if allowance < 1:
@@ -334,14 +378,38 @@ class ExportingProcess:
         waits = [w for s in (*self.sessions, *self._retiring) if (w := s.send_wait()) is not None]
         return min(waits) if waits else None
 
-    def backlogged(self) -> bool:
-        """True while a session's queue is full: take no more batches until it drains."""
-        for s in self.sessions:
-            if s.bucket is None or not s.queued:
+    @staticmethod
+    def _limit(s: Session) -> int:
+        """Messages a paced session may hold: ``QUEUE_SECONDS`` of its pace, at least a burst."""
+        assert s.bucket is not None
+        return max(s.bucket.burst, int(s.rate * QUEUE_SECONDS))
+
+    def _full(self, s: Session) -> bool:
+        """Whether ``s`` holds as much as it may (never, unpaced: it sends everything at once)."""
+        if s.bucket is None or not s.queued:
+            return False
+        return s.queued_octets >= QUEUE_OCTETS or s.queued >= self._limit(s)
+
+    def _trim(self, s: Session) -> None:
+        """Give up the oldest messages of ``s`` until it is back at its limit (cause "queue full")."""
+        limit = self._limit(s)
+        while s.queue and (s.queued > limit or s.queued_octets > QUEUE_OCTETS):
+            entry = s.queue[0]
+            if entry.out.rows is None:
+                s.discard_head()  # a statistics record not yet made: no data lost
                 continue
-            if s.queued_octets >= QUEUE_OCTETS or s.queued >= max(s.bucket.burst, s.rate * QUEUE_SECONDS):
-                return True
-        return False
+            over = s.queued - limit
+            if s.queued_octets > QUEUE_OCTETS:
+                over = max(over, -(-(s.queued_octets - QUEUE_OCTETS) // entry.out.size))
+            s.drop(over, QUEUE_FULL)
+
+    def backlogged(self) -> bool:
+        """True while every session's queue is full: take no more batches until one drains.
+
+        One full queue alone does not hold the input back: that session
+        gives up its own oldest messages instead (see the module notes).
+        """
+        return bool(self.sessions) and all(self._full(s) for s in self.sessions)
 
     def queued(self) -> int:
         """Messages queued, all sessions together."""

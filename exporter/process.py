@@ -11,15 +11,20 @@ also stops by itself once it holds an end-of-stream from each producer.
 
 Pacing (``ExportSettings.export_rate``) never blocks receiving: messages
 wait in the exporting process's queues and the loop polls the socket with
-a timeout that ends when the next ones may leave. Only while a queue is
-full (``ExportingProcess.backlogged``) does it leave batches on the socket,
-which holds the producers back instead of growing without bound. The drain
-at a stop is paced too; a second stop request (SIGTERM/SIGINT, or the
+a timeout that ends when the next ones may leave. Only while every
+collector's queue is full (``ExportingProcess.backlogged``) does it leave
+batches on the socket, which holds the producers back instead of growing
+without bound; one full queue gives up its own oldest messages instead. The
+drain at a stop is paced too; a second stop request (SIGTERM/SIGINT, or the
 supervisor's ``STOP_SIGNAL``) gives up what is still queued (counted as not
 sent) and exits.
 
 Bad input from the socket (not our schema, unknown template, wrong dtype or
-size) is counted per cause and dropped, never fatal.
+size) is counted per cause and dropped, never fatal. So are output faults:
+a collector that is down, a full or failing disk under a ``File/``
+collector, a file that cannot be opened at start or at a reload are that
+collector's messages not sent (counted by cause, one log line per
+collector every ``REPORT_S``), never an exception out of this process.
 """
 from __future__ import annotations
 
@@ -128,16 +133,17 @@ class Exporter:
 
 
 def _collector_report(exp, last: dict, final: bool = False) -> list[str]:
-    """One line per collector whose not-sent count grew since the last report."""
+    """One line per collector whose not-sent count grew since the last report, by cause."""
     lines = []
     for name, c in exp.totals()["collectors"].items():
-        before = last.get(name, 0)
-        if c["not_sent_messages"] > before:
-            causes = ", ".join(f"{k} {v}" for k, v in sorted(c["errors"].items()))
-            lines.append(f"collector {name}: {c['not_sent_messages'] - before} messages not sent "
-                         f"({c['last_error'] or ', '.join(c['errors']) or 'error'}; totals by cause: {causes})"
-                         + ("" if final else "; retrying"))
-        last[name] = c["not_sent_messages"]
+        before = last.get(name, {})
+        grown = {k: v - before.get(k, 0) for k, v in sorted(c["errors"].items()) if v > before.get(k, 0)}
+        if grown:
+            causes = ", ".join(f"{k} {v:,}" for k, v in grown.items())
+            detail = f"; {c['last_error']}" if c["last_error"] else ""
+            lines.append(f"collector {name}: {sum(grown.values()):,} messages not sent ({causes}{detail}; "
+                         f"{c['not_sent_records']:,} records not sent in all)" + ("" if final else "; retrying"))
+        last[name] = dict(c["errors"])
     return lines
 
 
@@ -172,6 +178,8 @@ def run(settings: ExporterSettings, endpoints: ExporterEndpoints,
         exp = exporter.exporting
         try:
             _log_send_buffers(exp, settings.export.socket_buffer)
+            for line in exp.unopened():
+                log.warning(line)
             if handover.ready is not None:
                 handover.ready()
             _export_until_stopped(rt, sock, exporter, producers, handover.reload)
@@ -215,7 +223,7 @@ def _export_until_stopped(rt: StageRuntime, sock, exporter: Exporter, producers:
             break
         wait = exp.next_send_in()  # queued messages waiting for their collector's pace
         timeout = POLL_MS if wait is None else min(POLL_MS, max(1, math.ceil(wait * 1000)))
-        if exp.backlogged():  # a queue is full: leave batches on the socket for now
+        if exp.backlogged():  # every queue is full: leave batches on the socket for now
             time.sleep(min(timeout / 1000, wait if wait is not None else POLL_MS / 1000))
             events = {}
         elif wait is not None and wait < SHORT_WAIT_S:
@@ -265,12 +273,20 @@ def _export_until_stopped(rt: StageRuntime, sock, exporter: Exporter, producers:
 
 
 def _reload(exp: ExportingProcess, reload: Callable[[], ExportSettings] | None) -> None:
-    """SIGHUP: new settings from ``reload()`` (or the same ones), every template sent again at once."""
+    """SIGHUP: new settings from ``reload()`` (or the same ones), files reopened, every template sent again.
+
+    A collector that cannot be opened is one log line (``ExportingProcess.reload``), never the end of
+    the exporter: the others go on.
+    """
     if reload is None:
-        exp.reload()
+        for line in exp.reload():
+            log.warning(line)
         return
     try:
-        exp.reload(reload())
-        log.info("reloaded: %d collector(s); templates sent again", len(exp.sessions))
+        settings = reload()
     except ValueError as exc:
         log.error("reload refused, keeping the running settings: %s", exc)
+        return
+    for line in exp.reload(settings):  # a collector that cannot be opened is its own problem
+        log.warning(line)
+    log.info("reloaded: %d collector(s); files reopened; templates sent again", len(exp.sessions))

@@ -12,7 +12,15 @@ separate state for each. For every observation domain a session holds:
   ``templateRefreshTimeout`` and ``templateRefreshPacket``).
 
 A failed send also marks every domain's templates as due, so a collector
-that comes back gets the templates again before its next data.
+that comes back (or a file that has room again) gets the templates again
+before its next data.
+
+Every message not sent is counted once, under its cause, in
+``SessionCounters.errors``: the errno name of the failed send or write
+("ECONNREFUSED", "ENOSPC", "EACCES", ...), ``QUEUE_FULL`` (the exporting
+process gave up this collector's oldest messages, see
+``exporter/exporting.py``) or ``STOPPED``; the causes add up to
+``not_sent_messages``.
 
 Pacing: a session has its own queue of finished messages (``Outgoing``,
 shared by every session they are queued for and stamped with this
@@ -38,6 +46,10 @@ import numpy.typing as npt
 from .message import stamp
 from .transport import PEER_POLL_S
 
+# causes of messages not sent that are not an errno name (keys of ``SessionCounters.errors``)
+QUEUE_FULL = "queue full"  # this collector's queue was full: its oldest messages were given up
+STOPPED = "stopped"  # a second stop signal gave up what was still queued
+
 
 @dataclass(slots=True)
 class DomainState:
@@ -58,7 +70,7 @@ class SessionCounters:
     not_sent_records: int = 0
     not_sent_packets: int = 0
     not_sent_octets: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)  # messages not sent, by cause (adds up to not_sent_messages)
 
 
 @dataclass(slots=True, eq=False)
@@ -151,6 +163,7 @@ class Session:
         self.bucket: TokenBucket | None = None
         self._peer_full = False  # the local collector's receive queue had no room at the last look
         self._peer_paced = False  # the last allowance came from that queue, not from the tokens
+        self.last_cause = ""  # errno name of the last failed send ("ENOSPC", "ECONNREFUSED", ...)
         self.set_pace(rate, burst)
 
     def set_pace(self, rate: float, burst: int) -> None:
@@ -207,9 +220,10 @@ class Session:
         if entry.pos >= entry.out.count:
             self.queue.popleft()
 
-    def _not_sent(self, out: Outgoing, first: int, n: int) -> None:
+    def _not_sent(self, out: Outgoing, first: int, n: int, cause: str) -> None:
         c = self.counters
         c.not_sent_messages += n
+        c.errors[cause] = c.errors.get(cause, 0) + n
         c.not_sent_records += n * out.records
         if out.packets is not None:
             c.not_sent_packets += int(np.sum(out.packets[first:first + n], dtype=np.uint64))
@@ -226,19 +240,17 @@ class Session:
         entry = self.queue[0]
         self._advance(entry, entry.out.count - entry.pos)
 
-    def drop(self, n: int) -> None:
-        """The next ``n`` messages of the queue's head do not leave: count them as not sent."""
+    def drop(self, n: int, cause: str) -> None:
+        """The next ``n`` messages of the queue's head do not leave: count them as not sent, for ``cause``."""
         entry = self.queue[0]
         n = min(n, entry.out.count - entry.pos)
-        self._not_sent(entry.out, entry.pos, n)
+        self._not_sent(entry.out, entry.pos, n, cause)
         self._advance(entry, n)
 
-    def drop_all(self, cause: str = "stopped") -> None:
-        """Everything queued is given up (a stop that cannot wait): counted as not sent, under ``cause``."""
-        if self.queued:
-            self.counters.errors[cause] = self.counters.errors.get(cause, 0) + self.queued
+    def drop_all(self, cause: str = STOPPED) -> None:
+        """Everything queued is given up (a stop that cannot wait): counted as not sent."""
         while self.queue:
-            self.drop(self.queue[0].out.count)
+            self.drop(self.queue[0].out.count, cause)
 
     def domain(self, domain: int) -> DomainState:
         st = self.domains.get(domain)
@@ -301,10 +313,9 @@ class Session:
                     peer.sent(sent, out.size)
         if error is None:
             return sent, 0
-        name = errno.errorcode.get(error.errno or 0, "EIO")
-        c.errors[name] = c.errors.get(name, 0) + 1
+        self.last_cause = errno.errorcode.get(error.errno or 0, "EIO")
         lost = min(error.lost, n - sent)
-        self._not_sent(out, first + sent, lost)
+        self._not_sent(out, first + sent, lost, self.last_cause)
         self.mark_templates_due()
         return sent, lost
 

@@ -39,6 +39,7 @@ import os
 import select
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,8 @@ RECONNECT_S = 5.0  # how often a transport that cannot connect tries again
 SEND_BUFFER = 4 << 20  # default SO_SNDBUF request, octets
 GSO_SEGMENTS = 64  # messages per segmented send (UDP_MAX_SEGMENTS of older kernels; newer allow 128)
 GSO_OCTETS = 65507  # and at most this many octets: one IPv4 datagram's payload
+FILE_RETRY_S = 1.0  # a file that failed (full disk, I/O error, cannot open) is tried again this often
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # no room: write again on the same file
 # errors of a segmented send that mean "cannot segment here", not "collector down"
 _NO_GSO = frozenset({errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT})
 
@@ -400,7 +403,26 @@ class UdpTransport:
 
 
 class FileTransport:
-    """IPFIX file (RFC 5655 §4): messages appended one after the other."""
+    """IPFIX file (RFC 5655 §4): messages appended one after the other, never a torn one.
+
+    Writes go straight to the file descriptor (``os.write``, no user-space
+    buffer), one call for all the messages of a ``send_rows``. A full disk
+    or a failing one (ENOSPC, EDQUOT, EIO, ...) may take part of a write:
+    the file is then cut back (``ftruncate``) to the end of the last whole
+    message, so a reader never meets half a message; the messages that
+    made it count as sent, the rest as not sent with the error's cause.
+    After a failure the transport tries again no sooner than ``FILE_RETRY_S``
+    (the messages in between are not sent, with the same cause, without a
+    system call: a failing disk may take long to say no), so writing goes
+    on by itself once there is room again. An error other than a full disk
+    (EIO, ESTALE, ...) also reopens the file at that retry. A file that
+    cannot be opened (a directory not writable, gone) is tried again the
+    same way; it never stops the exporter.
+
+    ``reopen()`` closes the file and opens its path anew: after logrotate
+    moved it away, new messages go to a new file at the same path (the
+    session sends it the templates first, so it decodes alone).
+    """
 
     paced = False
     granted_buffer = 0
@@ -408,35 +430,137 @@ class FileTransport:
     def __init__(self, address: CollectorAddress) -> None:
         self.address = address
         self.last_error = ""
+        self._fd = -1
+        self._errno = 0  # the cause of the last failure, 0 when the last write went
+        self._retry_at = 0.0  # monotonic time of the next try after a failure
+        self._reopen = False  # the next try opens the path anew (after an error other than a full disk)
+        self._cut_to = -1  # a torn message could not be cut off yet: truncate to this many octets first
+        self.size = 0  # octets in the file, as far as this transport knows (whole messages only)
+        self._open(time.monotonic())
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd >= 0
+
+    def _fail(self, code: int, what: str, now: float) -> None:
+        self._errno = code or errno.EIO
+        self.last_error = f"{what}: {os.strerror(self._errno)}"
+        self._retry_at = now + FILE_RETRY_S
+
+    def _open(self, now: float) -> bool:
+        if self._cut_to >= 0:  # a last try to leave the old file whole
+            self._cut_torn_now(now)
+        self._close_fd()
+        self._cut_to = -1
         try:
-            self._fh = open(address.path, "ab", buffering=1 << 16)
+            self._fd = os.open(self.address.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.size = os.fstat(self._fd).st_size
         except OSError as exc:
-            raise TransportError(exc.errno, f"{address}: {exc.strerror}") from None
+            self._close_fd()
+            self._fail(exc.errno, "cannot open", now)
+            return False
+        self._reopen = False
+        return True
+
+    def reopen(self, now: float | None = None) -> bool:
+        """Close the file and open its path again (a rotated file: a new one); False if it cannot be opened."""
+        if now is None:
+            now = time.monotonic()
+        self._errno = 0
+        self.last_error = ""
+        return self._open(now)
+
+    def _ready(self, now: float) -> bool:
+        """Whether a write may be tried now: open, nothing torn left at the end, not waiting to retry."""
+        if self._errno and now < self._retry_at:
+            return False
+        if self._fd < 0 or self._reopen:
+            if not self._open(now):
+                return False
+        return self._cut_to < 0 or self._cut_torn_now(now)
+
+    def _cut_torn_now(self, now: float) -> bool:
+        """Truncate the file to ``_cut_to`` octets (the end of its last whole message)."""
+        try:
+            os.ftruncate(self._fd, self._cut_to)
+        except OSError as exc:
+            self._fail(exc.errno, "cannot cut off a torn message", now)
+            return False
+        self.size = self._cut_to
+        self._cut_to = -1
+        return True
 
     def send(self, message: memoryview | bytes, now: float) -> None:
-        try:
-            self._fh.write(message)
-        except OSError as exc:
-            self.last_error = exc.strerror or str(exc)
-            raise TransportError(exc.errno, self.last_error) from None
+        """Append one message; raise ``TransportError`` when it was not written (nothing of it stays)."""
+        _, error = self.send_rows(np.frombuffer(message, dtype=np.uint8).reshape(1, -1), now)
+        if error is not None:
+            raise error
 
     def send_rows(self, rows: npt.NDArray[np.uint8], now: float) -> tuple[int, TransportError | None]:
-        """Append equal-size messages (rows); all or, on a write error, none counted as sent."""
+        """Append equal-size messages (the rows of a C-contiguous uint8 array) in order.
+
+        Returns how many were written whole and the error that stopped the
+        rest (None when all were): ``error.lost`` is every message after the
+        written ones, none of which is in the file.
+        """
+        n, size = rows.shape
+        if self._ready(now):
+            flat = rows.reshape(-1)
+            done = 0
+            try:
+                while done < len(flat):
+                    wrote = os.write(self._fd, flat[done:])
+                    if wrote <= 0:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    done += wrote
+                self._errno = 0
+                self.size += done
+                return n, None
+            except OSError as exc:
+                sent = done // size
+                self._fail(exc.errno, "cannot write", now)
+                self._reopen = self._errno not in _FULL
+                if done % size:
+                    self._cut_torn(done, size, now)
+                else:
+                    self.size += done
+        else:
+            sent = 0
+        error = TransportError(self._errno or errno.EIO, self.last_error)
+        error.lost = n - sent
+        return sent, error
+
+    def _cut_torn(self, done: int, size: int, now: float) -> None:
+        """Truncate what a write of ``done`` octets left of a message of ``size`` off the end of the file."""
+        whole = done - done % size
         try:
-            self._fh.write(rows.data)
-        except OSError as exc:
-            self.last_error = exc.strerror or str(exc)
-            error = TransportError(exc.errno, self.last_error)
-            error.lost = len(rows)
-            return 0, error
-        return len(rows), None
+            # O_APPEND: the file ends where the partial write ended (one writer), even if it was
+            # truncated under us (logrotate's copytruncate) since we last wrote
+            self._cut_to = os.lseek(self._fd, 0, os.SEEK_END) - (done - whole)
+        except OSError:
+            self._cut_to = self.size + whole  # the end as this transport knows it
+        code = self._errno
+        if self._cut_torn_now(now):
+            return
+        self._errno = code  # the write's cause stays the cause
+        # tried again before the next write (``_ready``); until then nothing is appended, and the
+        # file is not reopened: only this descriptor can still cut it
+        self.last_error = f"cannot write: {os.strerror(self._errno)}; cannot cut off a torn message"
+        self._reopen = False
 
     def flush(self) -> None:
-        self._fh.flush()
+        """Nothing to do: every write went to the file at once."""
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            try:
+                os.close(fd)
+            except OSError as exc:  # a write-back error reported at close: nothing left to retry
+                self.last_error = f"close: {os.strerror(exc.errno or errno.EIO)}"
 
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
+        self._close_fd()
 
 
 def open_transport(address: CollectorAddress, send_buffer: int = SEND_BUFFER):

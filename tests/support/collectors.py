@@ -6,6 +6,7 @@ the tests compare values, not formats.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -117,8 +118,10 @@ class Nfcapd:
     the kernel's default receive buffer (``net.core.rmem_default``).
     """
 
-    def __init__(self, directory: Path, host: str = "127.0.0.1", receive_buffer: int | None = 8 << 20) -> None:
+    def __init__(self, directory: Path, host: str = "127.0.0.1", receive_buffer: int | None = 8 << 20,
+                 netns: str | None = None) -> None:
         require("nfcapd", "nfdump")
+        self.netns = netns  # a network namespace made by the test (tests/support/netns.py) to run in
         self.directory = directory
         self.host = host
         self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -132,10 +135,13 @@ class Nfcapd:
                 args += ["-B", str(receive_buffer)]
             if self.family == socket.AF_INET6:
                 args.append("-6")
+            if netns is not None:
+                args = ["ip", "netns", "exec", netns, *args]  # which execs nfcapd: the pid is nfcapd's
             self._fh = open(self.log, "w")
             self.proc = subprocess.Popen(args, stdout=self._fh, stderr=subprocess.STDOUT, env=UTC_ENV)
             try:
-                _wait_bound(self.port, self.proc, "nfcapd", self.log, self.family, host)
+                with self._inside():
+                    _wait_bound(self.port, self.proc, "nfcapd", self.log, self.family, host)
                 return
             except RuntimeError:
                 self._fh.close()
@@ -147,9 +153,18 @@ class Nfcapd:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"Udp/{host}:{self.port}"
 
+    def _inside(self):
+        """This thread in nfcapd's network namespace (for its port and socket queue), if it has one."""
+        if self.netns is None:
+            return contextlib.nullcontext()
+        from tests.support.netns import entered
+
+        return entered(self.netns)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
-            wait_socket_drained(self.port)  # the last datagrams are read first
+            with self._inside():
+                wait_socket_drained(self.port)  # the last datagrams are read first
         stop_process(self.proc, signal.SIGTERM, settle_s=0.3)
         self._fh.close()
 
@@ -207,6 +222,58 @@ def ipfixdump_records(path: Path) -> list[dict]:
             if m:
                 cur[m.group(2)] = m.group(3).strip()
     return records
+
+
+def ipfix_file_messages(path: Path, record_length: dict[int, int] | None = None) -> list[tuple[str, int, int]]:
+    """(kind, sequence number, data records) of every message of an IPFIX file, in order: kind "T" for
+    a message of templates only, "D" for one with data. The file must end where its last message ends
+    (AssertionError naming the offset of a torn one). ``record_length``: by template ID (our registry's)."""
+    import struct
+
+    if record_length is None:
+        from exporter.template import default_registry
+
+        record_length = {t.template_id: t.record_length for t in default_registry()}
+    data = path.read_bytes()
+    out, off = [], 0
+    while off < len(data):
+        assert off + 16 <= len(data), f"torn message header at offset {off} of {path}"
+        _, length, _, seq, _ = struct.unpack_from("!HHIII", data, off)
+        assert length >= 16 and off + length <= len(data), f"torn message at offset {off} of {path}"
+        pos, records, kind = off + 16, 0, "T"
+        while pos < off + length:
+            sid, slen = struct.unpack_from("!HH", data, pos)
+            if sid >= 256:
+                kind, records = "D", records + (slen - 4) // record_length[sid]
+            pos += slen
+        out.append((kind, seq, records))
+        off += length
+    return out
+
+
+def ipfixdump_warnings(path: Path) -> list[str]:
+    """What ``ipfixDump`` complains of while reading the file: torn messages, sets without their
+    template, sequence numbers out of order ([] for a file every message of which decodes)."""
+    require("ipfixDump")
+    r = subprocess.run(["ipfixDump", "--in", str(path), "--data"], capture_output=True, text=True, env=UTC_ENV)
+    return [line.strip() for line in r.stderr.splitlines() if line.strip()] + (
+        [f"exit {r.returncode}"] if r.returncode else [])
+
+
+@contextlib.contextmanager
+def tmpfs(directory: Path, size: str = "256k", read_only: bool = False):
+    """A tmpfs of ``size`` mounted on ``directory`` (made if missing) for the block; needs root.
+
+    Where a ``File/`` collector meets a full disk (or, read-only, a directory it cannot write).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    options = f"size={size},mode=0755" + (",ro" if read_only else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)], check=True,
+                   capture_output=True, text=True)
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], capture_output=True)
 
 
 class TsharkCapture:
