@@ -22,7 +22,9 @@ from dataclasses import dataclass
 RESTART_DELAYS_S = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # by restarts of the name in the last minute
 CRASH_LOOP = 5  # more restarts than this of one name within CRASH_WINDOW_S: the run stops
 CRASH_WINDOW_S = 60.0
-HANG_S = 10.0  # a child that reports nothing for this long is killed and restarted
+# A child that reports nothing for this long is killed and restarted. Meanwhile a stuck worker holds
+# back its capture (the batch ring is full), and a live source's kernel buffer fills: kernel drops.
+HANG_S = 5.0
 
 
 @dataclass

@@ -119,11 +119,19 @@ class PipelineReport:
         t = self.totals()
         cap, wrk, exp = t["capture"], t["worker"], t["exporter"]
         out = []
-        inside = cap.packets - exp.packets
+        # frames a live source handed to a capture process that died before it metered them: what the
+        # source read (its count is kept across restarts) less what every process of that name took
+        unread = 0
+        for name in {c.name for c in self.children if c.role == "capture"}:
+            gens = [c.counters for c in self.children if c.name == name and c.counters is not None]
+            read = max((g.source_counters.get("frames read", 0) for g in gens), default=0)
+            if read:
+                unread += read - sum(g.frames for g in gens)
+        inside = cap.packets - exp.packets + unread
         if inside:
             held = f"; {wrk.active_flows:,} flows were held by workers that ended without flushing them" \
                 if wrk.active_flows else ""
-            out.append(f"{inside:,} packets metered never reached the exporter{held}")
+            out.append(f"{inside:,} packets metered or read never reached the exporter{held}")
         for name, c in exp.collectors.items():
             if c.not_sent_records:
                 causes = ", ".join(f"{k} {v:,}" for k, v in sorted(c.errors.items()))

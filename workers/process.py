@@ -75,8 +75,6 @@ class Worker:
                                packet_clock=settings.producers == 1, lend_output=True)  # emit() consumes at once
         self._send = send
         self.rings = rings or {}  # producer name -> the batch ring its packets messages name slots of
-        # batches older than these were given up for this worker's predecessor (``BatchRing.give_up``)
-        self.floors = {name: ring.floor(settings.index) for name, ring in self.rings.items()}
         self.seq = 0
         self.records_out = 0
         self.packets_out = 0
@@ -132,7 +130,7 @@ class Worker:
         if ring is None:
             self._drop("unexpected message")
             return
-        if header.seq < self.floors[header.sender]:  # for a worker that died; its slot may be in use again
+        if ring.given_up(self.settings.index, header.seq):  # its slot may be written again already
             self._drop("batches given up")
             return
         try:

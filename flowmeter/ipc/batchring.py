@@ -29,10 +29,10 @@ A worker that dies never releases again, and the batches on their way to
 it (in its socket, in its queue) die with it. When the supervisor starts
 its successor it gives up those batches for it (``give_up``): the dead
 worker's counter jumps to ``written``, so the capture never waits for
-them, and the new worker, reading that counter as it starts
-(``floor``), drops any older batch still reaching it, whose slot the
-capture may already be writing again. Their packets are lost, and counted
-as such (metered by the capture, never by a worker).
+them, and the new worker drops any older batch still reaching it
+(``given_up``), whose slot the capture may already be writing again. The
+packets of batches given up are lost, and counted as such (metered by the
+capture, never by a worker).
 
 Pages are touched only as rows are written, so a ring sized for whole
 batches costs memory for the rows actually sent.
@@ -88,25 +88,29 @@ class BatchRing:
     def wait_free(self, seq: int, stop=lambda: False, at_once=lambda: False, beat=lambda: None) -> float:
         """Wait until every worker has released batch ``seq - slots``; return the seconds waited.
 
-        ``stop()`` true and no release for ``STALL_S``, or ``at_once()`` true:
-        ``RingStalled`` (a worker that stopped early never releases; one that
-        is draining does; a stop at once does not wait for either).
-        ``beat()`` is called while it waits (the process is alive, not hung).
+        A worker that is merely slow (held back by the exporter) is waited
+        for: that is how a replay's pace follows the slowest stage. One that
+        is stuck is the supervisor's to find (it reports nothing) and
+        replace, giving its batches up (``give_up``). ``stop()`` true and no release for
+        ``STALL_S``, or ``at_once()`` true: ``RingStalled`` (a worker that
+        stopped early never releases; one that is draining does; a stop at
+        once does not wait for either). ``beat()`` is called while it waits
+        (the process is alive, not hung).
         """
         need = seq - self.nslots + 1
         if need <= 0 or int(self.released.min()) >= need:
             return 0.0
         start = last_move = time.monotonic()
-        seen = int(self.released.sum())
+        seen = int(self.released.min())
         pause = WAIT_MIN_S
         while int(self.released.min()) < need:
             time.sleep(pause)
             beat()
             pause = min(2 * pause, WAIT_MAX_S)
             now = time.monotonic()
-            total = int(self.released.sum())
-            if total != seen:
-                seen, last_move = total, now
+            low = int(self.released.min())
+            if low != seen:
+                seen, last_move = low, now
             elif at_once():
                 raise RingStalled("stopped at once while waiting for the workers")
             elif stop() and now - last_move >= STALL_S:
@@ -141,9 +145,11 @@ class BatchRing:
                              f"slots, {self.workers} workers, {self.rows} rows")
         return self.slots[slot, worker, :count]
 
-    def floor(self, worker: int) -> int:
-        """The first batch a worker starting now may meter (older ones were given up: ``give_up``)."""
-        return int(self.released[worker])
+    def given_up(self, worker: int, seq: int) -> bool:
+        """Whether batch ``seq`` was given up for ``worker`` (``give_up``, ``wait_free``): its slot may be
+        written again already, so the worker must not read it. (A worker releases in order, so no
+        batch it has yet to take is below its own counter otherwise.)"""
+        return seq < int(self.released[worker])
 
     def release(self, worker: int, seq: int) -> None:
         """``worker`` is done with batch ``seq`` and every one before it."""

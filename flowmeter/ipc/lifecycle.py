@@ -36,7 +36,7 @@ supervisor (``flowmeter exporter``, tests) takes SIGTERM, SIGINT and SIGHUP
 itself.
 
 A child whose supervisor dies ends by itself: a capture gets
-``STOP_SIGNAL`` from the kernel (``PR_SET_PDEATHSIG``) and drains; a worker
+``PARENT_GONE_SIGNAL`` from the kernel (``PR_SET_PDEATHSIG``) and drains; a worker
 or the exporter keeps going until its producers have ended, at most
 ``ORPHAN_GRACE_S``.
 """
@@ -73,7 +73,10 @@ OUTSIDE_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)  # ... and reloads on SIGHUP; a
 STOP_SIGNAL = signal.SIGUSR1  # from the supervisor: stop (drain)
 STOP_NOW_SIGNAL = signal.SIGRTMIN + 1  # from the supervisor: stop without waiting (real-time: queued, never merged)
 RELOAD_SIGNAL = signal.SIGUSR2  # from the supervisor: re-read the settings
-SUPERVISOR_SIGNALS = (STOP_SIGNAL, STOP_NOW_SIGNAL, RELOAD_SIGNAL)
+# from the kernel when the supervisor dies (PR_SET_PDEATHSIG): a stop. It comes once per thread the
+# supervisor had (the child is handed to each in turn as they end), so it counts once, never "again"
+PARENT_GONE_SIGNAL = signal.SIGRTMIN + 2
+SUPERVISOR_SIGNALS = (STOP_SIGNAL, STOP_NOW_SIGNAL, RELOAD_SIGNAL, PARENT_GONE_SIGNAL)
 
 class FatalStageError(Exception):
     """An error a restart of the process cannot fix (a source that cannot be opened, a permission):
@@ -94,9 +97,9 @@ def set_process_name(name: str) -> None:
 
 
 def end_with_parent() -> None:
-    """Get ``STOP_SIGNAL`` when the supervisor dies (killed, say): this process then drains as on a stop."""
-    if _prctl(PR_SET_PDEATHSIG, STOP_SIGNAL) and os.getppid() == 1:
-        os.kill(os.getpid(), STOP_SIGNAL)  # the supervisor died before the request was made
+    """Get ``PARENT_GONE_SIGNAL`` when the supervisor dies (killed, say): this process then drains as on a stop."""
+    if _prctl(PR_SET_PDEATHSIG, PARENT_GONE_SIGNAL) and os.getppid() == 1:
+        os.kill(os.getpid(), PARENT_GONE_SIGNAL)  # the supervisor died before the request was made
 
 
 def child_main(name: str, target: Callable[..., int], args: tuple, nice: int = 0, foreign: tuple = (),
@@ -104,7 +107,7 @@ def child_main(name: str, target: Callable[..., int], args: tuple, nice: int = 0
     """Entry of every child: its name, log lines, priority, fresh signal state; one line and a reserved code on a crash.
 
     ``foreign`` are the live sources other processes read: this child's
-    copies are closed. ``pdeathsig``: ``STOP_SIGNAL`` when the supervisor dies.
+    copies are closed. ``pdeathsig``: a stop when the supervisor dies.
     """
     # The supervisor's signals wait (blocked) until the stage's StopFlag takes them; the outside
     # world's stop and reload signals are the supervisor's alone (see the module notes).
@@ -143,7 +146,7 @@ class ParentWatch:
     """Whether this child's supervisor is gone, and for how long (its parent changed: reparented).
 
     A worker or the exporter whose supervisor died keeps going until its
-    producers end (the captures drain: they get ``STOP_SIGNAL`` when it dies), but
+    producers end (the captures drain: they get ``PARENT_GONE_SIGNAL`` when it dies), but
     no longer than ``ORPHAN_GRACE_S``: a pipeline never outlives its
     supervisor for good.
     """
@@ -192,6 +195,7 @@ class StopFlag:
             self._old[s] = signal.signal(s, self._on_stop)
         if self.supervised:
             self._old[STOP_NOW_SIGNAL] = signal.signal(STOP_NOW_SIGNAL, self._on_stop_now)
+            self._old[PARENT_GONE_SIGNAL] = signal.signal(PARENT_GONE_SIGNAL, self._on_parent_gone)
         self._old[reload] = signal.signal(reload, self._on_reload if self.reload else signal.SIG_IGN)
         for s in ignored:
             self._old[s] = signal.signal(s, signal.SIG_IGN)
@@ -201,6 +205,9 @@ class StopFlag:
 
     def _on_stop(self, signum: int, frame: Any) -> None:
         self.stops += 1
+
+    def _on_parent_gone(self, signum: int, frame: Any) -> None:
+        self.stops = max(self.stops, 1)
 
     def _on_stop_now(self, signum: int, frame: Any) -> None:
         self.stops += 1
@@ -238,6 +245,7 @@ class ControlChannel:
         self.sender = sender
         self.pid = os.getpid()
         self._owed = False  # an urgent report was held back by the rate limit
+        self.unsent = 0  # reports that could not be queued (no supervisor to take them)
         self._sock = ctx.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.LINGER, CONTROL_LINGER_MS)
         self._sock.connect(endpoint)
@@ -254,15 +262,23 @@ class ControlChannel:
         now = time.monotonic() if now is None else now
         self._owed = self._owed or urgent
         if now - self._last >= (URGENT_S if self._owed else PROGRESS_S):
-            self._sock.send(Report(self.sender, counters(), pid=self.pid).pack())
+            self._send(Report(self.sender, counters(), pid=self.pid).pack())
             self._last = now
             self._owed = False
 
     def final(self, counters: RoleCounters) -> None:
-        self._sock.send(Report(self.sender, counters, final=True, pid=self.pid).pack())
+        self._send(Report(self.sender, counters, final=True, pid=self.pid).pack())
 
     def error(self, role: str, message: str) -> None:
-        self._sock.send(ErrorReport(self.sender, role, message, self.pid).pack())
+        self._send(ErrorReport(self.sender, role, message, self.pid).pack())
+
+    def _send(self, message: bytes) -> None:
+        """Never waits: with the supervisor gone (no peer) a blocking send would never return, and
+        a report that cannot be queued is only a report (the next one says more)."""
+        try:
+            self._sock.send(message, zmq.NOBLOCK)
+        except zmq.Again:
+            self.unsent += 1
 
     def close(self) -> None:
         self._sock.close()

@@ -253,7 +253,11 @@ def test_sigterm_during_run_drains_every_metered_flow(tmp_path):
             time.sleep(0.01)
         assert _signal_pending(capture, STOP_SIGNAL), "the supervisor did not pass the stop on"
     finally:
-        os.kill(capture, signal.SIGCONT)
+        try:
+            os.kill(capture, signal.SIGCONT)
+        except ProcessLookupError:  # killed meanwhile (as hung, say): the run's stderr says by whom
+            proc.kill()
+            raise AssertionError("capture-0 died while stopped:\n" + proc.communicate(timeout=60)[1]) from None
     out, err = proc.communicate(timeout=120)
     rows = nf.records()
     assert proc.returncode == 0, err

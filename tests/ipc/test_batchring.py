@@ -153,6 +153,27 @@ def test_a_worker_drops_headers_that_name_no_slot_of_its_ring_and_still_releases
     assert worker.table.counters.packets == 1 and ring.released[0] == 4
 
 
+def test_batches_given_up_for_a_dead_worker_are_never_waited_for_nor_read_by_its_successor():
+    ring = BatchRing(2, rows=4, slots=2)
+    for seq in range(3):  # worker-1 died after batch 0: it never released batches 1 and 2
+        ring.wrote(seq)
+        ring.release(0, seq)
+    ring.release(1, 0)
+    assert ring.written == 3
+    assert ring.give_up(1) == 3  # the supervisor, before it starts worker-1 again
+    assert ring.wait_free(3) == 0.0  # the capture does not wait for the batches it will never take
+    successor = Worker(WorkerSettings(index=1, max_flows=10, idle_timeout_ns=10**9, interval_ns=0, domain=1,
+                                      producers=1), lambda frames: None, {"capture-0": ring})
+    # batch 2, still on its way, is not read: its slot may hold batch 4 already
+    successor.handle([PacketsHeader("capture-0", 2, 1, T0, slot=0).pack()])
+    assert successor.dropped == {"batches given up": 1}
+    assert successor.table.counters.packets == 0
+    ring.slots[1, 1, :1] = np.zeros(1, PACKET_DTYPE)
+    ring.slots[1, 1, 0]["ip_version"] = 4
+    successor.handle([PacketsHeader("capture-0", 3, 1, T0, slot=1).pack()])  # the next batch is metered
+    assert successor.table.counters.packets == 1 and ring.released[1] == 4
+
+
 def test_a_ring_is_made_for_its_workers():
     with pytest.raises(ValueError, match="between 1 and"):
         BatchRing(0, rows=4)
