@@ -58,7 +58,8 @@ Templates (RFC 7011 §8):
 Statistics: every ``stats_interval_s`` each session gets one options data
 record of the ``exporter_stats`` template with its own totals (messages,
 flow records and octets sent before that message; records, packets and
-octets not sent). The record is made when it reaches the head of the
+octets not sent; packets metered and then lost inside flowmeter, as
+``ignoredPacketTotalCount``). The record is made when it reaches the head of the
 session's queue, so its totals are exact even after a paced wait.
 """
 from __future__ import annotations
@@ -129,6 +130,9 @@ class ExportingProcess:
         self._template_messages: dict[int, list[Outgoing]] = {}
         self._flow_domains: set[int] = set()
         self._init_ms = int(time.time() * 1000)
+        # packets metered and then lost inside flowmeter, as known so far (a worker that died with its
+        # flows, ...): the supervisor's count, for ignoredPacketTotalCount (0 without a supervisor)
+        self.ignored_packets: Callable[[], int] = lambda: 0
         self._last_stats = time.monotonic()
         self.records_in = 0
         self.batches_in = 0
@@ -475,6 +479,7 @@ class ExportingProcess:
         rec["notSentFlowTotalCount"] = c.not_sent_records
         rec["notSentPacketTotalCount"] = c.not_sent_packets
         rec["notSentOctetTotalCount"] = c.not_sent_octets
+        rec["ignoredPacketTotalCount"] = self.ignored_packets()
         rec["systemInitTimeMilliseconds"] = self._init_ms
         m = self._scratch
         m.begin(STATS_DOMAIN)

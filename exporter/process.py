@@ -73,6 +73,7 @@ class ExporterHandover:
     reload: Callable[[], ExportSettings] | None = None  # SIGHUP: the new settings (raises ValueError if unusable)
     ready: Callable[[], None] | None = None  # called once the socket is bound
     stop: StopFlag | None = None  # stop it from another thread (tests); else signals do
+    ignored: Callable[[], int] | None = None  # packets lost inside flowmeter so far (ignoredPacketTotalCount)
 
 
 class Exporter:
@@ -176,6 +177,8 @@ def run(settings: ExporterSettings, endpoints: ExporterEndpoints,
         sock = rt.socket(zmq.PULL, bind=endpoints.records, receive_hwm=RECEIVE_HWM, linger_ms=0)
         exporter = Exporter(settings.export)
         exp = exporter.exporting
+        if handover.ignored is not None:
+            exp.ignored_packets = handover.ignored
         try:
             _log_send_buffers(exp, settings.export.socket_buffer)
             for line in exp.unopened():

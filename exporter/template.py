@@ -189,6 +189,7 @@ STATS_LAYOUT = _els(
     "notSentFlowTotalCount",
     "notSentPacketTotalCount",
     "notSentOctetTotalCount",
+    "ignoredPacketTotalCount",
     "systemInitTimeMilliseconds",
 )
 STATS_SCOPE_COUNT = 1

@@ -104,6 +104,31 @@ class PipelineReport:
         lines.append("lost: " + ("; ".join(self.losses()) or "none"))
         return "\n".join(lines + self.source_lines())
 
+    def ignored_packets(self) -> int:
+        """Packets metered and then lost inside flowmeter, as known while it runs (the statistics
+        records' ignoredPacketTotalCount): flows held by workers that died, batches given up for them,
+        frames read by a capture process that died before metering them."""
+        lost = self._unread()
+        for c in self.children:
+            w = c.counters
+            if c.role != "worker" or w is None:
+                continue
+            lost += w.given_up_packets
+            if c.process.exitcode not in (None, 0):
+                lost += max(w.packets - w.packets_out, 0)
+        return lost
+
+    def _unread(self) -> int:
+        """Frames a live source handed to a capture process that died before it metered them: what the
+        source read (its count is kept across restarts) less what every process of that name took."""
+        unread = 0
+        for name in {c.name for c in self.children if c.role == "capture"}:
+            gens = [c.counters for c in self.children if c.name == name and c.counters is not None]
+            read = max((g.source_counters.get("frames read", 0) for g in gens), default=0)
+            if read:
+                unread += max(read - sum(g.frames for g in gens), 0)
+        return unread
+
     def losses(self) -> list[str]:
         """What was metered and did not reach the collectors, by where it was lost (empty: nothing).
 
@@ -119,15 +144,7 @@ class PipelineReport:
         t = self.totals()
         cap, wrk, exp = t["capture"], t["worker"], t["exporter"]
         out = []
-        # frames a live source handed to a capture process that died before it metered them: what the
-        # source read (its count is kept across restarts) less what every process of that name took
-        unread = 0
-        for name in {c.name for c in self.children if c.role == "capture"}:
-            gens = [c.counters for c in self.children if c.name == name and c.counters is not None]
-            read = max((g.source_counters.get("frames read", 0) for g in gens), default=0)
-            if read:
-                unread += read - sum(g.frames for g in gens)
-        inside = cap.packets - exp.packets + unread
+        inside = cap.packets - exp.packets + self._unread()
         if inside:
             held = f"; {wrk.active_flows:,} flows were held by workers that ended without flushing them" \
                 if wrk.active_flows else ""

@@ -38,6 +38,7 @@ import gc
 import ipaddress
 import json
 import logging
+import mmap
 import multiprocessing
 import os
 import shutil
@@ -48,6 +49,7 @@ import time
 from functools import partial
 from typing import Callable, TextIO
 
+import numpy as np
 import zmq
 
 from exporter import process as exporter_process
@@ -255,6 +257,8 @@ class Supervisor:
         ctx = zmq.Context()
         control = ctx.socket(zmq.PULL)
         control.bind(control_endpoint)
+        # packets lost inside the pipeline so far, for the exporter's statistics records (shared memory)
+        self._ignored = np.frombuffer(mmap.mmap(-1, mmap.PAGESIZE), np.int64, count=1)
         self.report.started = time.monotonic()
         self._ctx = ctx
         self._rings = rings
@@ -299,6 +303,7 @@ class Supervisor:
         self._endpoints = {"exporter": ep_export, **{f"worker-{i}": ep for i, ep in enumerate(ep_workers)}}
         self._sources = [source for _spec, source in opened if source is not None]
         copy = self._profile_copy
+        ignored = self._ignored
 
         def reloaded() -> Profile:  # in a child, on the supervisor's reload: the profile it checked
             return load_profile(copy)
@@ -306,7 +311,8 @@ class Supervisor:
         self._recipe("exporter", "exporter", exporter_process.run,
                      (exporter_process.ExporterSettings(export_settings(p), producers=self.workers),
                       exporter_process.ExporterEndpoints(ep_export, control),
-                      exporter_process.ExporterHandover(lambda: export_settings(reloaded()))))
+                      exporter_process.ExporterHandover(lambda: export_settings(reloaded()),
+                                                        ignored=lambda: int(ignored[0]))))
         producers = self.captures + len(opened)
         for i in range(self.workers):
             def worker_reload(i=i) -> worker_process.WorkerSettings:
@@ -376,6 +382,7 @@ class Supervisor:
             if self.live:
                 self.report.log_sources(now)
             self.report.write_status(rundir, now)
+            self._ignored[0] = self.report.ignored_packets()
             if self._draining is not None and not self._stopped_now \
                     and now - self._draining >= self.profile.drain_timeout_s:
                 self._stop_now(f"the drain deadline ({self.profile.drain_timeout_s:g} s, "

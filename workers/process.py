@@ -78,6 +78,7 @@ class Worker:
         self.seq = 0
         self.records_out = 0
         self.packets_out = 0
+        self.given_up_packets = 0
         self.dropped: dict[str, int] = {}
         self.producers_done: set[str] = set()
         self.clocks: dict[str, int] = {}  # producer -> the capture clock of its latest batch
@@ -132,6 +133,7 @@ class Worker:
             return
         if ring.given_up(self.settings.index, header.seq):  # its slot may be written again already
             self._drop("batches given up")
+            self.given_up_packets += header.count
             return
         try:
             if len(frames) != 1:
@@ -185,6 +187,7 @@ class Worker:
                               end_reasons={REASON_NAMES[r]: n for r, n in t.records.items() if n},
                               active_flows=self.table.active, active_peak=self.active_peak,
                               table_bytes=self.table.nbytes, dropped=dict(self.dropped),
+                              given_up_packets=self.given_up_packets,
                               cpu_s=round(time.process_time(), 3))
 
 

@@ -71,6 +71,7 @@ class WorkerCounters:
     active_peak: int = 0  # most flows held at once
     table_bytes: int = 0  # octets of the flow table's arrays
     dropped: dict[str, int] = field(default_factory=dict)  # messages dropped, by cause
+    given_up_packets: int = 0  # packets of batches given up for this worker's predecessor (lost)
     cpu_s: float = 0.0
 
     ROLE: ClassVar[str] = "worker"

@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from flowmeter.recovery import HANG_S
+from tests.support.collectors import ipfixdump_records
 from tests.support.liverun import NsNfcapd, Run, SteadyTraffic, kill_leftover_runs, summary_figure
 from tests.support.netns import Namespaces, available, entered
 
@@ -88,7 +89,9 @@ def _lost(out: str) -> int:
 def test_a_dead_or_hung_child_is_restarted_and_every_packet_is_delivered_or_counted(quiet_lab, tmp_path, victim, how):
     ns, a, b = quiet_lab
     with NsNfcapd(b, tmp_path, host=B4) as nf:
-        run = Run(a, tmp_path, 1, Sources=["afpacket:va"], IpFixCollectors=[nf.collector], Workers=2)
+        ipfix = tmp_path / "stats.ipfix"  # the statistics records, read back by ipfixDump
+        run = Run(a, tmp_path, 1, Sources=["afpacket:va"], IpFixCollectors=[nf.collector, f"File/{ipfix}"], Workers=2,
+                  StatisticsIntervalSeconds=1)
         with SteadyTraffic(b, A4, flows=200, rate=2000, port=PORT) as traffic:
             time.sleep(2)  # every flow cached in both workers
             pid = _child(run, victim)
@@ -115,3 +118,7 @@ def test_a_dead_or_hung_child_is_restarted_and_every_packet_is_delivered_or_coun
     assert collected + _lost(out) + dropped == sent, out
     if victim.startswith("worker"):
         assert _lost(out) > 0, out  # the flows it held
+        # ... and the statistics records said so (ignoredPacketTotalCount), once the death was known
+        ignored = [int(r["ignoredPacketTotalCount"]) for r in ipfixdump_records(ipfix)
+                   if "ignoredPacketTotalCount" in r]
+        assert ignored and ignored[0] == 0 and 0 < ignored[-1] <= _lost(out), (ignored, out)

@@ -98,8 +98,9 @@ def test_every_in_place_setting_reloads_under_traffic_without_losing_a_record(la
             assert "IpFixCollectors changed" in line, line
             time.sleep(1.5)
             settings = dict(Interval=0, IdleTimeout=1000, ExportRate=5000, TemplateRefreshSeconds=5,
-                            StatisticsIntervalSeconds=30, LocalNetworks=["10.9.0.0/24"], DropPrefixes={"deny": "AclDeny"},
-                            MaxMessageSize=1400, ObservationDomainId=7, DrainTimeoutSeconds=8)
+                            StatisticsIntervalSeconds=30, LocalNetworks=["10.9.0.0/24"],
+                            DropPrefixes={"deny": "AclDeny"}, MaxMessageSize=1400, ObservationDomainId=7,
+                            DrainTimeoutSeconds=8)
             line = p.set(**settings)
             for key in settings:
                 assert key in line, line
