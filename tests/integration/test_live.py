@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,29 +25,12 @@ from pathlib import Path
 import pytest
 
 from tests.support.collectors import ipfixdump_records
-from tests.support.liverun import ROOT, NsNfcapd, Run, kill_leftover_runs
+from tests.support.liverun import A4, A6, B4, B6, ROOT, NsNfcapd, Run
 from tests.support.netns import Namespaces, available, entered
 
-A4, B4, A6, B6 = "10.9.0.1", "10.9.0.2", "fd09::1", "fd09::2"
 UDP_SIZES = (10, 100, 500, 1000, 1400)  # payload octets
 TCP_LENGTH = 200_000
 PINGS, PING_PAYLOAD = 4, 100
-
-
-@pytest.fixture(autouse=True)
-def no_run_left_behind():
-    yield
-    kill_leftover_runs()
-
-
-@pytest.fixture
-def lab():
-    why = available()
-    assert not why, why
-    with Namespaces() as ns:
-        a, b = ns.add("a"), ns.add("b")
-        ns.veth(a, "va", f"{A4}/24", f"{A6}/64", b, "vb", f"{B4}/24", f"{B6}/64")
-        yield ns, a, b
 
 
 class Tcpdump:
@@ -463,6 +447,22 @@ def test_unknown_interface_is_one_clear_line(lab, tmp_path):
     r = ns.run(a, sys.executable, "-m", "flowmeter.cli", "run", "--profile", str(profile), check=False, cwd=ROOT)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == ["flowmeter: afpacket:nosuch0: no interface 'nosuch0' (in this network namespace)"]
+
+
+def test_a_source_a_restart_cannot_fix_stops_the_run_with_its_line(lab, tmp_path):
+    """A feed opened by its capture process: the error is the process's (exit 78), not restarted in a loop."""
+    ns, a, b = lab
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps({"FlowMetadata": {"Sources": [f"feed:ipc://{tmp_path}/missing/feed.sock"]}}))
+    start = time.monotonic()
+    r = ns.run(a, sys.executable, "-m", "flowmeter.cli", "run", "--profile", str(profile), check=False, cwd=ROOT)
+    assert r.returncode == 1 and time.monotonic() - start < 30, r.stderr
+    lines = r.stderr.splitlines()
+    assert any(re.match(rf"flowmeter: capture-0: feed:ipc://{tmp_path}/missing/feed.sock: cannot bind: ", x)
+               for x in lines), lines
+    assert re.search(r"^flowmeter: capture-0 \(pid \d+\) exited with code 78; pipeline stopped \(an error a "
+                     r"restart cannot fix\)$", r.stderr, re.M), r.stderr
+    assert re.search(r"^restarts: capture-0 exited with code 78 at [\d.]+ s; not restarted$", r.stderr, re.M), r.stderr
 
 
 def test_no_pipeline_outlives_a_killed_supervisor(lab, tmp_path):

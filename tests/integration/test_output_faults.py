@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -120,7 +119,7 @@ def test_a_disk_that_fills_up_loses_only_that_files_records_and_writing_resumes(
             for i in range(400):
                 run.send("ipv4_tcp", synthetic_records("ipv4_tcp", 26, seed=i))
             phase1 = run.sent
-            c = run.wait_until(lambda c: c.records == phase1)
+            run.wait_until(lambda c: c.records == phase1)
             full = os.statvfs(disk)
             assert full.f_bavail == 0
             on_disk = path.stat().st_size

@@ -23,17 +23,10 @@ import pytest
 
 from flowmeter.recovery import HANG_S
 from tests.support.collectors import ipfixdump_records
-from tests.support.liverun import NsNfcapd, Run, SteadyTraffic, kill_leftover_runs, summary_figure
+from tests.support.liverun import A4, A6, B4, B6, NsNfcapd, Run, SteadyTraffic, summary_figure
 from tests.support.netns import Namespaces, available, entered
 
-A4, B4, A6, B6 = "10.9.0.1", "10.9.0.2", "fd09::1", "fd09::2"
 PORT = 9000
-
-
-@pytest.fixture(autouse=True)
-def no_run_left_behind():
-    yield
-    kill_leftover_runs()
 
 
 @pytest.fixture

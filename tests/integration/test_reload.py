@@ -13,28 +13,10 @@ import subprocess
 import sys
 import time
 
-import pytest
 
-from tests.support.liverun import ROOT, NsNfcapd, Run, SteadyTraffic, kill_leftover_runs, summary_figure
-from tests.support.netns import Namespaces, available, entered
+from tests.support.liverun import A4, B4, ROOT, NsNfcapd, Run, SteadyTraffic, summary_figure
+from tests.support.netns import entered
 
-A4, B4, A6, B6 = "10.9.0.1", "10.9.0.2", "fd09::1", "fd09::2"
-
-
-@pytest.fixture(autouse=True)
-def no_run_left_behind():
-    yield
-    kill_leftover_runs()
-
-
-@pytest.fixture
-def lab():
-    why = available()
-    assert not why, why
-    with Namespaces() as ns:
-        a, b = ns.add("a"), ns.add("b")
-        ns.veth(a, "va", f"{A4}/24", f"{A6}/64", b, "vb", f"{B4}/24", f"{B6}/64")
-        yield ns, a, b
 
 
 class Profile:

@@ -30,6 +30,7 @@ from tests.support.collectors import Nfcapd
 from tests.support.netns import entered
 
 ROOT = Path(__file__).resolve().parents[2]
+A4, B4, A6, B6 = "10.9.0.1", "10.9.0.2", "fd09::1", "fd09::2"  # the lab's two ends (tests/integration/conftest.py)
 _RUNS: list[subprocess.Popen] = []  # every flowmeter started; none outlives its test
 
 
