@@ -23,35 +23,30 @@ import pytest
 
 from flowmeter.recovery import HANG_S
 from tests.support.collectors import ipfixdump_records
-from tests.support.liverun import A4, A6, B4, B6, NsNfcapd, Run, SteadyTraffic, summary_figure
-from tests.support.netns import Namespaces, available, entered
+from tests.support.liverun import A4, B4, NsNfcapd, Run, SteadyTraffic, summary_figure
+from tests.support.netns import entered
 
 PORT = 9000
 
 
 @pytest.fixture
-def quiet_lab():
-    """Two namespaces over a veth that carries only what the test sends (and the export)."""
-    why = available()
-    assert not why, why
-    with Namespaces() as ns:
-        a, b = ns.add("a"), ns.add("b")
-        ns.veth(a, "va", f"{A4}/24", f"{A6}/64", b, "vb", f"{B4}/24", f"{B6}/64")
-        macs = {}
-        for name, ifname in ((a, "va"), (b, "vb")):
-            ns.run(name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
-            ns.run(name, "sysctl", "-qw", f"net.ipv6.conf.{ifname}.disable_ipv6=1")
-            link = json.loads(ns.run(name, "ip", "-j", "link", "show", ifname).stdout)
-            macs[ifname] = link[0]["address"]
-        ns.run(a, "ip", "neigh", "replace", B4, "lladdr", macs["vb"], "dev", "va", "nud", "permanent")
-        ns.run(b, "ip", "neigh", "replace", A4, "lladdr", macs["va"], "dev", "vb", "nud", "permanent")
-        with entered(a):  # takes the datagrams (never read: the kernel drops what overflows, silently)
-            sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sink.bind((A4, PORT))
-        try:
-            yield ns, a, b
-        finally:
-            sink.close()
+def quiet_lab(lab):
+    """The lab's veth, carrying only what the test sends (and the export): IPv4 only, static neighbours."""
+    ns, a, b = lab
+    macs = {}
+    for name, ifname in ((a, "va"), (b, "vb")):
+        ns.run(name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+        ns.run(name, "sysctl", "-qw", f"net.ipv6.conf.{ifname}.disable_ipv6=1")
+        macs[ifname] = json.loads(ns.run(name, "ip", "-j", "link", "show", ifname).stdout)[0]["address"]
+    ns.run(a, "ip", "neigh", "replace", B4, "lladdr", macs["vb"], "dev", "va", "nud", "permanent")
+    ns.run(b, "ip", "neigh", "replace", A4, "lladdr", macs["va"], "dev", "vb", "nud", "permanent")
+    with entered(a):  # takes the datagrams (never read: the kernel drops what overflows, silently)
+        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sink.bind((A4, PORT))
+    try:
+        yield ns, a, b
+    finally:
+        sink.close()
 
 
 def _child(run: Run, name: str, not_pid: int | None = None, timeout: float = 30) -> int:
