@@ -92,7 +92,7 @@ class CollectorCounters:
     export_rate: float = 0.0  # messages a second; 0 = unpaced
     send_buffer: int = 0  # octets of send buffer the kernel granted
     segmented_sends: bool = False  # UDP_SEGMENT in use
-    errors: dict[str, int] = field(default_factory=dict)  # failed sends by cause
+    errors: dict[str, int] = field(default_factory=dict)  # messages not sent, by cause (ENOSPC, ...)
     last_error: str = ""
 
 
