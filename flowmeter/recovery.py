@@ -9,7 +9,7 @@ the run stops with its error instead of looping. A child that exits with
 restarted: the same start would meet the same error. A child that sends
 no report for ``HANG_S`` (stopped, or stuck in a loop; every report is a
 heartbeat, ``flowmeter.ipc.lifecycle``) is killed and restarted the same
-way.
+way; before its first report it has ``START_GRACE_S``.
 
 Every death is an ``Incident``: when, which process, how, and when its
 successor started; the summary, the log and ``flowmeter status`` show them.
@@ -25,6 +25,7 @@ CRASH_WINDOW_S = 60.0
 # A child that reports nothing for this long is killed and restarted. Meanwhile a stuck worker holds
 # back its capture (the batch ring is full), and a live source's kernel buffer fills: kernel drops.
 HANG_S = 5.0
+START_GRACE_S = 30.0  # ... or nothing at all for this long after it started (opening a source can take a while)
 
 
 @dataclass

@@ -44,7 +44,8 @@ class ChildInfo:
     counters: RoleCounters | None = None
     error: str = ""
     ended_s: float = 0.0  # when it exited, seconds after the pipeline started
-    heard: float = 0.0  # time.monotonic() of its last report (its heartbeat), or of its start
+    started: float = 0.0  # time.monotonic() when it was started
+    heard: float = 0.0  # time.monotonic() of its last report (its heartbeat); 0 before the first
     replaced: bool = False  # it died and a successor of the same name took over (or will)
     hung: bool = False  # killed by the supervisor for reporting nothing for ``HANG_S``
 

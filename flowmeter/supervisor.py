@@ -63,7 +63,7 @@ from flowmeter.ipc.batchring import BatchRing
 from flowmeter.ipc.lifecycle import (CONFIG_EXIT, RELOAD_SIGNAL, STOP_DEADLINE_S, STOP_NOW_SIGNAL, STOP_SIGNAL,
                                      child_main)
 from flowmeter.ipc.schema import EndOfStream, ErrorReport, SchemaError, parse_control
-from flowmeter.recovery import CRASH_LOOP, CRASH_WINDOW_S, HANG_S, Incident, Restarts
+from flowmeter.recovery import CRASH_LOOP, CRASH_WINDOW_S, HANG_S, START_GRACE_S, Incident, Restarts
 from flowmeter.status import ChildInfo, PipelineReport
 from flowmeter.warmup import drop_privileges, load_kernels, tune_allocator
 from workers import process as worker_process
@@ -350,7 +350,7 @@ class Supervisor:
         proc = multiprocessing.get_context("fork").Process(
             target=child_main, args=(name, target, args, nice, foreign, role == "capture"), name=f"flowmeter-{name}")
         proc.start()
-        child = ChildInfo(name, role, proc, heard=time.monotonic())
+        child = ChildInfo(name, role, proc, started=time.monotonic())
         self.children.append(child)
         if self._poller is not None:
             self._poller.register(proc.sentinel, zmq.POLLIN)
@@ -411,14 +411,15 @@ class Supervisor:
         for c in self._current():
             code = c.process.exitcode
             if code is None:
-                if now - c.heard >= HANG_S:  # stopped or stuck: treated as a crash
+                if (now - c.heard >= HANG_S) if c.heard else (now - c.started >= START_GRACE_S):
+                    # stopped or stuck: treated as a crash
                     c.hung = True
                     c.process.kill()
                 continue
             if code == 0 or c.name in self._pending:
                 continue
             at = now - self.report.started
-            how = f"hung: no report for {HANG_S:g} s, killed" if c.hung else _how(c)
+            how = f"hung: no report for {HANG_S if c.heard else START_GRACE_S:g} s, killed" if c.hung else _how(c)
             incident = self.restarts.died(c.name, how, at)
             log.error("%s (pid %d) %s", c.name, c.process.pid, how)
             if code == CONFIG_EXIT:
