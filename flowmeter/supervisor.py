@@ -28,8 +28,13 @@ drain has a deadline (``DrainTimeoutSeconds``): past it, or on a second
 stop signal, every child ends without waiting (``STOP_NOW_SIGNAL``:
 captures read nothing more, workers do not flush, the exporter gives up its
 queue), each counting what it held in its last report, and the summary
-says what was lost (``PipelineReport.losses``); the run then exits 1. A child that dies on its own makes the supervisor
-stop the rest in that order (``_stop_after_crash``) and exit 1 with the
+says what was lost (``PipelineReport.losses``); the run then exits 1.
+
+A child that dies or hangs is started again from the recipe it was first
+started with (``_failures``, ``_restart``; the policy and the record are
+``flowmeter.recovery``); what it held is counted as lost. One that cannot
+be started again (a crash loop, ``CONFIG_EXIT``) makes the supervisor stop
+the rest in pipeline order (``_stop_after_crash``) and exit 1 with the
 child's error: it never hangs.
 """
 from __future__ import annotations
@@ -69,7 +74,7 @@ from flowmeter.warmup import drop_privileges, load_kernels, tune_allocator
 from workers import process as worker_process
 
 WATCH_MS = 100  # the loop wakes at least this often (progress, status file), and at once on a child's exit
-GIVE_UP_S = 2.0  # after a stop at once, the exporter's time to count what it gives up and report
+GIVE_UP_S = 2.0  # after a stop at once, the children's time to count what they give up and report
 
 log = logging.getLogger("flowmeter.supervisor")
 
@@ -111,8 +116,7 @@ class Supervisor:
         self._recipes: dict[str, tuple] = {}  # name -> (role, entry, args, own source): how to start it again
         self._sources: list = []  # live sources opened here, kept for a capture process started again
         self._endpoints: dict[str, str] = {}  # consumer name -> its input endpoint
-        self._pending: dict[str, float] = {}  # name -> when its restart is due
-        self._last_incident: dict[str, Incident] = {}
+        self._pending: dict[str, tuple[float, Incident]] = {}  # name -> when its restart is due, and why
         self._eos_pushes: dict[str, zmq.Socket] = {}  # end-of-stream on behalf of a dead producer
         self._rings: dict[str, BatchRing] = {}
         self._poller: zmq.Poller | None = None
@@ -399,10 +403,10 @@ class Supervisor:
             if failed is not None:
                 self._stop_after_crash(failed)
                 return failed
-            for name, due in list(self._pending.items()):
+            for name, (due, incident) in list(self._pending.items()):
                 if now >= due:
                     del self._pending[name]
-                    self._restart(name, now)
+                    self._restart(name, incident, now)
             if not self._pending and all(c.process.exitcode is not None for c in self._current()):
                 return None
 
@@ -416,7 +420,7 @@ class Supervisor:
                     c.hung = True
                     c.process.kill()
                 continue
-            if code == 0 or c.name in self._pending:
+            if code == 0:
                 continue
             at = now - self.report.started
             how = f"hung: no report for {HANG_S if c.heard else START_GRACE_S:g} s, killed" if c.hung else _how(c)
@@ -428,9 +432,8 @@ class Supervisor:
             if self._draining is not None:  # no restart while stopping: its consumers are told it ended
                 c.replaced = True
                 self._end_of_stream_for(c)
-                self._last_incident[c.name] = incident
                 continue
-            if c.role == "capture" and self.files and c.name in {f"capture-{i}" for i in range(self.captures)}:
+            if c.role == "capture" and int(c.name.split("-")[1]) < self.captures:
                 # a capture file is not read twice: what it had not read is not metered
                 c.replaced = True
                 self.errors.append(f"{c.name} {how}: the rest of its capture files was not read")
@@ -445,22 +448,18 @@ class Supervisor:
                 index = int(c.name.split("-")[1])
                 for ring in self._rings.values():
                     ring.give_up(index)
-            self._last_incident[c.name] = incident
-            self._pending[c.name] = now + delay
+            self._pending[c.name] = (now + delay, incident)
         return None
 
-    def _restart(self, name: str, now: float) -> None:
+    def _restart(self, name: str, incident: Incident, now: float) -> None:
         child = self._spawn(name)
-        incident = self._last_incident.pop(name, None)
-        if incident is not None:
-            incident.restart_s = now - self.report.started
+        incident.restart_s = now - self.report.started
         log.warning("%s restarted (pid %d)", name, child.process.pid)
         # producers that ended before it started told its predecessor: it is told again
-        if child.role in ("worker", "exporter"):
-            consumers = {"worker": "capture", "exporter": "worker"}[child.role]
-            for c in self.children:
-                if c.role == consumers and not c.replaced and c.process.exitcode == 0:
-                    self._send_end_of_stream(name, c.name)
+        producers = {"worker": "capture", "exporter": "worker"}.get(child.role)
+        for c in self.children:
+            if c.role == producers and not c.replaced and c.process.exitcode == 0:
+                self._send_end_of_stream(name, c.name)
 
     def _end_of_stream_for(self, dead: ChildInfo) -> None:
         """A producer that died and will not be restarted: its consumers are told it has ended."""

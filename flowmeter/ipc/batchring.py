@@ -129,12 +129,9 @@ class BatchRing:
 
     # -- the supervisor's side
 
-    def give_up(self, worker: int) -> int:
-        """``worker`` died: every batch written so far is given up for it; returns the successor's floor."""
-        floor = int(self._header[WRITTEN])
-        if self.released[worker] < floor:
-            self.released[worker] = floor
-        return floor
+    def give_up(self, worker: int) -> None:
+        """``worker`` died: every batch written so far is given up for it (its counter jumps to ``written``)."""
+        self.release(worker, self.written - 1)
 
     # -- a worker's side
 
@@ -146,9 +143,9 @@ class BatchRing:
         return self.slots[slot, worker, :count]
 
     def given_up(self, worker: int, seq: int) -> bool:
-        """Whether batch ``seq`` was given up for ``worker`` (``give_up``, ``wait_free``): its slot may be
-        written again already, so the worker must not read it. (A worker releases in order, so no
-        batch it has yet to take is below its own counter otherwise.)"""
+        """Whether batch ``seq`` was given up for ``worker`` (``give_up``): its slot may be written
+        again already, so the worker must not read it. (A worker releases in order, so no batch it
+        has yet to take is below its own counter otherwise.)"""
         return seq < int(self.released[worker])
 
     def release(self, worker: int, seq: int) -> None:

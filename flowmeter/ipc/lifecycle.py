@@ -245,7 +245,6 @@ class ControlChannel:
         self.sender = sender
         self.pid = os.getpid()
         self._owed = False  # an urgent report was held back by the rate limit
-        self.unsent = 0  # reports that could not be queued (no supervisor to take them)
         self._sock = ctx.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.LINGER, CONTROL_LINGER_MS)
         self._sock.connect(endpoint)
@@ -278,7 +277,7 @@ class ControlChannel:
         try:
             self._sock.send(message, zmq.NOBLOCK)
         except zmq.Again:
-            self.unsent += 1
+            pass
 
     def close(self) -> None:
         self._sock.close()
