@@ -162,12 +162,12 @@ def send_sizes(namespace: str, src: str, dst: str, dport: int, sizes: list[int],
 def test_veth_frames_seen_once_with_lengths_and_direction(pair):
     ns, a, b = pair
     snaplen = 128
-    with entered(a):
+    t0 = time.time_ns()  # before the source opens: the fresh veth's own frames (IPv6 neighbour
+    with entered(a):     # discovery) may reach the ring at once
         src = AfPacketSource("va", snaplen=snaplen, **SMALL_RING)
         ifindex = socket.if_nametoindex("va")
     sinks = [udp_socket(b, socket.AF_INET, B4, 5001), udp_socket(b, socket.AF_INET6, B6, 5001),
              udp_socket(a, socket.AF_INET, A4, 5002)]
-    t0 = time.time_ns()
     with src, contextlib.ExitStack() as stack:
         for sink in sinks:
             stack.enter_context(sink)
