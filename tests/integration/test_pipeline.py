@@ -232,6 +232,28 @@ def _signal_pending(pid: int, signum: int) -> bool:
     return bool(pending >> (signum - 1) & 1)
 
 
+def _wait_until_stopped(pid: int, timeout_s: float = 10) -> None:
+    """Return once every thread of ``pid`` is in the stopped state (``T`` in /proc/PID/task/*/stat).
+
+    SIGSTOP takes effect only when the process next runs: on a busy machine a
+    signal sent meanwhile can be taken first (the kernel takes the lowest
+    number first, and SIGUSR1 is below SIGSTOP), and never be seen pending.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:  # a thread that ended
+                pass
+        if states and all(s in "tT" for s in states):
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"pid {pid} did not stop within {timeout_s} s")
+
+
 def test_sigterm_during_run_drains_every_metered_flow(tmp_path):
     cap = _big_capture(tmp_path)
     nf = Nfcapd(tmp_path / "nfcapd")
@@ -247,6 +269,7 @@ def test_sigterm_during_run_drains_every_metered_flow(tmp_path):
     _wait_for_cpu(capture, 0.05)
     os.kill(capture, signal.SIGSTOP)
     try:
+        _wait_until_stopped(capture)
         proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
         while not _signal_pending(capture, STOP_SIGNAL) and time.monotonic() < deadline:
