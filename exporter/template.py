@@ -15,12 +15,20 @@ Template record encoding (RFC 7011 §3.4.1, §3.4.2.2)::
     options:   | template id (2) | field count (2) | scope field count (2) | specifiers ...
     specifier: | E + element id (2) | field length (2) | [enterprise number (4)]
 
-The registry (``TemplateRegistry``) gives each layout an id and never gives
-that id to another layout within the life of the process (RFC 7011 §8.4:
-reusing an id over UDP needs a wait of three refresh periods).
+The registry (``TemplateRegistry``) gives each layout an id derived from the
+layout itself (``layout_id``: a hash of the scope count and the field
+specifiers into 256-65535), so the same layout has the same id in every
+process, on every start and in every release, and a changed layout gets
+another id. A collector that still caches an id from before a restart or an
+upgrade therefore never decodes a record of another layout under it (RFC
+7011 §8.4: reusing an id over UDP needs a wait of three refresh periods,
+which a restart cannot give). Two layouts meet at one id with odds of about
+1 in 65,000 per pair; within a process the later one is moved on (the hash
+taken again with a salt), so an id never means two layouts there either.
 """
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass, field
 
@@ -194,28 +202,48 @@ STATS_LAYOUT = _els(
 )
 STATS_SCOPE_COUNT = 1
 
-# first ids of this project's templates, in FLOW_LAYOUTS order then stats
-FIRST_TEMPLATE_ID = 256
+# the id a layout-less Template gets where only its dtype is wanted (FLOW_DTYPES below)
+FIRST_TEMPLATE_ID = MIN_DATA_SET_ID
+_ID_SPACE = 0x10000 - MIN_DATA_SET_ID
+
+
+def layout_id(elements: tuple[InformationElement, ...], scope_count: int = 0, salt: int = 0) -> int:
+    """The template id of a layout: its scope count and field specifiers hashed into 256-65535.
+
+    Only what a collector learns from the template record goes in (element
+    ids, enterprise numbers, lengths, scope count); names do not. ``salt``
+    moves a layout on when its id is taken by another one in the same registry.
+    """
+    key = bytearray(_HDR.pack(scope_count, salt))
+    for e in elements:
+        key += _SPEC.pack(e.element_id, e.length) + _PEN.pack(e.pen)
+    digest = hashlib.blake2b(bytes(key), digest_size=8, person=b"flowmeter-tid").digest()
+    return MIN_DATA_SET_ID + int.from_bytes(digest, "big") % _ID_SPACE
 
 
 class TemplateRegistry:
-    """Gives templates their ids; a layout keeps its id, a new one never reuses one."""
+    """Gives templates their ids: each layout its own (``layout_id``), never one another layout had."""
 
-    def __init__(self, first_id: int = FIRST_TEMPLATE_ID) -> None:
-        self._next_id = first_id
+    def __init__(self) -> None:
         self._by_name: dict[str, Template] = {}
         self._retired: list[Template] = []
+        self._ids: dict[int, Template] = {}  # every id given in this process -> its template
 
     def define(self, name: str, elements: tuple[InformationElement, ...], scope_count: int = 0) -> Template:
-        """(Re)define the template called ``name``; same layout = same template."""
+        """(Re)define the template called ``name``; same layout = same template (and id)."""
         candidate = Template(MIN_DATA_SET_ID, elements, scope_count, name)
         current = self._by_name.get(name)
         if current is not None and current.same_layout(candidate):
             return current
-        if self._next_id > 0xFFFF:
+        for salt in range(_ID_SPACE):
+            tid = layout_id(elements, scope_count, salt)
+            held = self._ids.get(tid)
+            if held is None or (held.name == name and held.same_layout(candidate)):
+                break
+        else:
             raise TemplateError("template ids exhausted (65535)")
-        tmpl = Template(self._next_id, elements, scope_count, name)
-        self._next_id += 1
+        tmpl = held if held is not None else Template(tid, elements, scope_count, name)
+        self._ids[tid] = tmpl
         if current is not None:
             self._retired.append(current)
         self._by_name[name] = tmpl

@@ -22,8 +22,9 @@ from tests.support.synthetic import synthetic_records
 
 RECORD_LEN = {t.template_id: t.record_length for t in default_registry()}
 TCP = "ipv4_tcp"
-PER = (1452 - 20) // RECORD_LEN[256]  # ipv4_tcp records in a full message
-MSG = 20 + PER * RECORD_LEN[256]  # its octets
+TCP4 = default_registry()[TCP]
+PER = (1452 - 20) // TCP4.record_length  # ipv4_tcp records in a full message
+MSG = 20 + PER * TCP4.record_length  # its octets
 
 
 def file_messages(path: Path) -> list[tuple[str, int, int]]:

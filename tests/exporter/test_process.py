@@ -15,6 +15,7 @@ import zmq
 from exporter import process
 from exporter.exporting import ExportSettings
 from exporter.message import HEADER
+from exporter.template import default_registry
 from flowmeter.ipc.lifecycle import StopFlag
 from flowmeter.ipc.schema import VERSION, EndOfStream, Report, parse_control, records_message
 from tests.support.collectors import UdpSink
@@ -171,7 +172,12 @@ def test_sighup_reload_adds_a_collector_and_sends_templates_at_once(tmp_path):
         except socket.timeout:
             break
     heads = [(HEADER.unpack_from(m)[3], int.from_bytes(m[16:18], "big")) for m in msgs]
-    assert heads == [(0, 2), (0, 256), (10, 2)]
+    tcp = default_registry()["ipv4_tcp"].template_id
+    try:
+        assert heads == [(0, 2), (0, tcp), (10, 2)]
+    except AssertionError:
+        child.kill()  # not left waiting for a stop that never comes
+        raise
     push.send_multipart(records_message("w", 1, "ipv4_tcp", 1, synthetic_records("ipv4_tcp", 5)), copy=False)
     push.close()
     ctx.term()

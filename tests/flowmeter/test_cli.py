@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter.template import default_registry
 from flowmeter.config import SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,7 +101,8 @@ def test_templates_lists_every_template_with_element_ids():
     r = flowmeter("templates")
     assert r.returncode == 0
     ids = re.findall(r"^(?:options )?template (\d+) (\w+)", r.stdout, re.M)
-    assert [int(i) for i, _ in ids] == list(range(256, 265))
+    registry = default_registry()
+    assert [(int(i), n) for i, n in ids] == [(t.template_id, t.name) for t in registry]  # each its layout's id
     assert {n for _, n in ids} >= {"ipv4_tcp", "ipv6_icmp", "exporter_stats"}
     assert re.search(r"^\s+152\s+flowStartMilliseconds\s+8$", r.stdout, re.M)
     assert re.search(r"^\s+61\s+flowDirection\s+1$", r.stdout, re.M)
