@@ -17,10 +17,15 @@ from exporter.exporting import ExportSettings
 from exporter.message import HEADER
 from exporter.template import default_registry
 from flowmeter.ipc.lifecycle import StopFlag
-from flowmeter.ipc.schema import VERSION, EndOfStream, Report, parse_control, records_message
+from flowmeter.ipc.schema import (
+    VERSION,
+    EndOfStream,
+    Report,
+    parse_control,
+    records_message,
+)
 from tests.support.collectors import UdpSink
 from tests.support.synthetic import synthetic_records
-
 
 
 def Sink():

@@ -13,7 +13,12 @@ import sys
 from pathlib import Path
 
 from exporter.ie import IE
-from exporter.template import MIN_DATA_SET_ID, TemplateRegistry, default_registry, layout_id
+from exporter.template import (
+    MIN_DATA_SET_ID,
+    TemplateRegistry,
+    default_registry,
+    layout_id,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
