@@ -303,6 +303,8 @@ class ExportingProcess:
             return
         wire = encode(template, records)
         rl = template.record_length
+        for s in self.sessions:
+            s.check_size(now)  # a path read again (every few seconds) before messages are made for it
         size = self.build_size()
         per = (size - HEADER_LEN - SET_HEADER_LEN) // rl  # records in a full message
         if per == 0:
