@@ -22,7 +22,7 @@ import pytest
 
 from tests.support import traffic
 from tests.support.collectors import Nfcapd
-from tests.support.liverun import A4, A6, B4, B6, ROOT  # noqa: F401  (the lab's addresses)
+from tests.support.liverun import B4, B6, ROOT
 
 PACKETS = 60_000  # about 6,000 flow records: a few hundred messages per collector
 V6_DOMAIN = 42
