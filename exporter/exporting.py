@@ -2,9 +2,20 @@
 
 It owns the template registry, one open message per observation domain and
 one ``Session`` per collector. Records are encoded once per batch (one
-``astype`` to the template's big-endian dtype) and packed into messages no
-larger than ``max_message`` octets; each finished message goes to every
-collector, stamped with that collector's own sequence number.
+``astype`` to the template's big-endian dtype) and packed into messages;
+each finished message goes to every collector, stamped with that
+collector's own sequence number (and observation domain, if it has one).
+
+Message sizes: every session has its own (``Session.message_size``: its
+``MaxMessageSize``, lowered to what its path takes whole, see
+``exporter/session.py``). New messages are built at the largest of them;
+a session whose size is smaller cuts each queued message again for itself
+just before it leaves (``message.recut``: one reshape for the usual rows of
+one data set). Building at the largest costs nothing where every collector
+has the same path (the usual case), and where they differ only the
+collectors behind the smaller paths pay the cut, instead of every collector
+sending as many more messages as the smallest path needs. Template-only
+messages are made at each session's own size.
 
 Packing: a batch first fills the domain's open message (small batches of
 live traffic share messages, as many as fit); the batch's *full* messages
@@ -72,12 +83,13 @@ from typing import Callable
 import numpy as np
 import numpy.typing as npt
 
-from .message import HEADER_LEN, SET_HEADER_LEN, Message, encode, message_rows
+from .message import HEADER_LEN, SET_HEADER_LEN, Message, encode, message_rows, recut
 from .session import QUEUE_FULL, Outgoing, Session
 from .template import STATS_NAME, Template, TemplateRegistry, default_registry
 from .transport import FILE_RETRY_S, SEND_BUFFER, CollectorAddress, open_transport
 
 STATS_DOMAIN = 0  # RFC 7011 §4: exporter-wide records go in messages with ODID 0
+TEMPLATE_TRIES = 4  # sends of a domain's templates refused as too big before they count as not sent
 EXPORT_RATE = 15_000  # default ExportRate of a profile: messages/s per collector (0 = unlimited)
 EXPORT_BURST = 8  # messages a paced collector may get at once: ~20 KB of a 208 KB default buffer
 # A paced queue this long (in seconds of its pace, or in octets) is full: the process stops
@@ -91,8 +103,8 @@ DRAIN_SLEEP_S = 0.05  # longest sleep of a drain between checks for a stop
 
 @dataclass(frozen=True, slots=True)
 class ExportSettings:
-    collectors: tuple[CollectorAddress, ...]
-    max_message: int = 1452
+    collectors: tuple[CollectorAddress, ...]  # each may carry its own max_message and domain
+    max_message: int = 1452  # the ceiling of every collector without its own; a UDP path may lower it
     refresh_s: float = 30.0
     refresh_messages: int = 256
     stats_interval_s: float = 60.0
@@ -127,7 +139,8 @@ class ExportingProcess:
         self._open_packets: dict[int, int] = {}
         self._open_octets: dict[int, int] = {}
         self._scratch = Message(settings.max_message)
-        self._template_messages: dict[int, list[Outgoing]] = {}
+        self._template_messages: dict[tuple[int, int], list[Outgoing]] = {}  # (domain, size) -> messages
+        self._by_id: dict[int, Template] = {}  # templates by id, for cutting messages again
         self._flow_domains: set[int] = set()
         self._init_ms = int(time.time() * 1000)
         # packets metered and then lost inside flowmeter, as known so far (a worker that died with its
@@ -149,7 +162,27 @@ class ExportingProcess:
         if hasattr(transport, "gso"):
             transport.gso = settings.segmented_sends
         return Session(transport, settings.refresh_s, settings.refresh_messages, settings.export_rate,
-                       settings.export_burst)
+                       settings.export_burst, address.max_message or settings.max_message, address.domain)
+
+    def build_size(self) -> int:
+        """The size new messages are made at: the largest session's (see the module notes)."""
+        if not self.sessions:
+            return self.settings.max_message
+        return max(s.message_size for s in self.sessions)
+
+    def _template(self, template_id: int) -> Template | None:
+        t = self._by_id.get(template_id)
+        if t is None:
+            self._by_id = {t.template_id: t for t in (*self.registry.retired, *self.registry)}
+            t = self._by_id.get(template_id)
+        return t
+
+    def _recut(self, out: Outgoing, first: int, size: int) -> list[Outgoing]:
+        """Messages ``first`` onwards of ``out`` cut again at ``size`` octets (``Session.fit_head``)."""
+        assert out.rows is not None
+        return [Outgoing(c.rows, out.domain, c.records, flow=out.flow, packets=c.packets, octets=c.octets,
+                         statistics=out.statistics)
+                for c in recut(out.rows[first:], size, self._template)]
 
     # --- templates ------------------------------------------------------
     def _templates_for(self, domain: int) -> list[Template]:
@@ -158,41 +191,53 @@ class ExportingProcess:
             out.append(self.registry[STATS_NAME])
         return out
 
-    def _template_messages_for(self, domain: int) -> list[Outgoing]:
-        """Template-only messages (header sequence to be stamped) covering all of a domain's templates."""
-        cached = self._template_messages.get(domain)
+    def _template_messages_for(self, domain: int, size: int) -> list[Outgoing]:
+        """Template-only messages of at most ``size`` octets (header sequence to be stamped) covering
+        all of a domain's templates."""
+        cached = self._template_messages.get((domain, size))
         if cached is not None:
             return cached
         pending = self._templates_for(domain)
         out: list[Outgoing] = []
-        m = self._scratch
+        m = Message(size)
         while pending:
             m.begin(domain)
             n = m.add_templates(pending)
             if n == 0:
-                raise ValueError(f"template {pending[0].template_id} does not fit in a "
-                                 f"{self.settings.max_message}-octet message")
+                raise ValueError(f"template {pending[0].template_id} does not fit in a {size}-octet message")
             rows = np.frombuffer(m.finish(0, 0), dtype=np.uint8).reshape(1, -1).copy()
             out.append(Outgoing(rows, domain, 0, flow=False, templates=True))
             pending = pending[n:]
-        self._template_messages[domain] = out
+        self._template_messages[(domain, size)] = out
         return out
 
     def _send_templates(self, session: Session, domain: int, now: float) -> bool:
-        """Every template message of ``domain`` to ``session``; False when one did not leave
-        (``session.last_cause`` says why)."""
-        for out in self._template_messages_for(domain):
-            sent, _ = session.send(out, 0, 1, now)
-            if not sent:
-                return False
-        return True
+        """Every template message of ``domain`` to ``session``, at its size; False when one did not
+        leave (``session.last_cause`` says why). A message the path refused as too big goes again,
+        made at the session's new size: a few tries, each one smaller or the last one as it was."""
+        for _ in range(TEMPLATE_TRIES):
+            refused = False
+            for out in self._template_messages_for(domain, session.message_size):
+                sent, lost = session.send(out, 0, 1, now)
+                if not sent:
+                    if lost:
+                        return False
+                    refused = True
+                    break
+            if not refused:
+                return True
+        return False
 
     def reload(self, settings: ExportSettings | None = None) -> list[str]:
         """Apply new settings (collectors, sizes, periods, pacing); templates go out again at once.
 
         Sessions whose collector stays keep their sequence numbers and their
         queue; new collectors start at 0; removed ones send what they still
-        hold (paced) and are closed then. Open messages are flushed first so
+        hold (paced) and are closed then. A collector's own settings apply
+        in place: a new ``max_message`` keeps its sequence numbers (queued
+        messages larger than the new size are cut as they leave); a new
+        ``domain`` starts that domain's sequence numbers at 0 (RFC 7011 §3.1:
+        another domain, another counter), with its templates first. Open messages are flushed first so
         nothing received is lost. Every ``File/`` collector is reopened at
         its path (after logrotate's move, a new file, which gets the
         templates first). Returns one line per collector that could not be
@@ -215,6 +260,9 @@ class ExportingProcess:
                     for domain in (*self._flow_domains, *((STATS_DOMAIN,) if settings.stats_interval_s else ())):
                         s.domain(domain)  # due: the next tick() sends them
                 else:
+                    s.transport.address = a  # the same collector, perhaps with other settings of its own
+                    s.set_max_message(a.max_message or settings.max_message, time.monotonic())
+                    s.set_header_domain(a.domain)
                     s.refresh_s, s.refresh_messages = settings.refresh_s, settings.refresh_messages
                     s.set_pace(settings.export_rate, settings.export_burst)
                     if hasattr(s.transport, "gso"):
@@ -255,7 +303,10 @@ class ExportingProcess:
             return
         wire = encode(template, records)
         rl = template.record_length
-        per = (self.settings.max_message - HEADER_LEN - SET_HEADER_LEN) // rl  # records in a full message
+        for s in self.sessions:
+            s.check_size(now)  # a path read again (every few seconds) before messages are made for it
+        size = self.build_size()
+        per = (size - HEADER_LEN - SET_HEADER_LEN) // rl  # records in a full message
         if per == 0:
             raise ValueError(f"a {rl}-octet record of template {template.template_id} does not fit in a message")
         names = template.dtype.names
@@ -263,7 +314,7 @@ class ExportingProcess:
         pk = records["packetDeltaCount"] if counted else None
         oc = records["octetDeltaCount"] if counted else None
         # 1. the open message takes what fits
-        m = self._message(domain)
+        m = self._message(domain, size)
         start = self._fill(m, template, wire, 0, pk, oc)
         if start < n:
             # 2. it is full: every full message of the rest at once, 3. the rest opens the next one
@@ -296,10 +347,14 @@ class ExportingProcess:
         """Whether data records of ``domain`` count as flow records (not in a statistics-only domain 0)."""
         return not (domain == STATS_DOMAIN and domain not in self._flow_domains)
 
-    def _message(self, domain: int) -> Message:
+    def _message(self, domain: int, size: int) -> Message:
+        """The open message of ``domain``, made at ``size`` (one of another size is queued first)."""
         m = self._open.get(domain)
+        if m is not None and m.max_size != size:
+            self._finish_open(domain)
+            m = None
         if m is None:
-            m = self._open[domain] = Message(self.settings.max_message)
+            m = self._open[domain] = Message(size)
             m.begin(domain)
             self._open_packets[domain] = 0
             self._open_octets[domain] = 0
@@ -351,9 +406,14 @@ class ExportingProcess:
 
     def _pump(self, s: Session, now: float) -> None:
         q = s.queue
+        if q:
+            s.check_size(now)
         while q:
             allowance = s.allowance()
             if allowance < 1:
+                return
+            s.fit_head(self._recut)
+            if not q:
                 return
             entry = q[0]
             out = entry.out
@@ -444,9 +504,10 @@ class ExportingProcess:
             now = time.monotonic()
         self.pump(now)
         for s in self.sessions:
-            for domain in list(s.domains):
-                if s.templates_due(domain, now) and s.allowance() >= 1:
-                    self._send_templates(s, domain, now)
+            s.check_size(now)
+            for st in list(s.domains.values()):
+                if s.templates_due(st.source, now) and s.allowance() >= 1:
+                    self._send_templates(s, st.source, now)
         if self.settings.stats_interval_s and now - self._last_stats >= self.settings.stats_interval_s:
             self.send_statistics(now)
 
@@ -515,6 +576,9 @@ class ExportingProcess:
                     "export_rate": s.rate,
                     "send_buffer": s.transport.granted_buffer,
                     "segmented_sends": getattr(s.transport, "gso", False),
+                    "message_size": s.message_size,
+                    "recuts": s.counters.recuts,
+                    "refused": s.counters.refused,
                     "errors": dict(s.counters.errors),
                     "last_error": s.transport.last_error,
                 }

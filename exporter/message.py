@@ -16,9 +16,19 @@ A big batch of one template does not go through a ``Message`` record run by
 record run: ``message_rows`` lays out all its *full* messages at once as the
 rows of one uint8 array (header and set header broadcast, records copied by
 one reshape), byte for byte what ``Message`` would have made, and ``stamp``
-writes the per-collector sequence numbers and export time into the header
-columns of any run of rows in one vectorised write. Python work then no
-longer grows with the number of messages.
+writes the per-collector sequence numbers, export time and observation
+domain into the header columns of any run of rows in one vectorised write.
+Python work then no longer grows with the number of messages.
+
+A collector whose path takes smaller messages than the ones queued for it
+gets them cut again (``recut``): the same data records, in the same order,
+in as many messages of at most the new size as they need. Rows of one
+single data set (what ``message_rows`` makes) are cut as one array: their
+record regions laid end to end and reshaped into the new rows. Any other
+message (several sets, several templates) is read set by set and packed
+again through a ``Message``. The records never change, so sequence numbers
+stamped on the new rows stay exact (RFC 7011 §3.1); the packet and octet
+totals of each new message are read back from its records.
 
 Worked example (66 octets), a template set and one data record:
 
@@ -46,7 +56,8 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 import numpy.typing as npt
@@ -57,6 +68,7 @@ VERSION = 10
 HEADER = struct.Struct("!HHIII")  # version, length, export time, sequence, domain
 SET_HEADER = struct.Struct("!HH")  # set id, length
 _TIME_SEQ = struct.Struct("!II")  # export time, sequence: header octets 4-11
+_TIME_SEQ_DOMAIN = struct.Struct("!III")  # export time, sequence, domain: header octets 4-15
 HEADER_LEN = HEADER.size
 SET_HEADER_LEN = SET_HEADER.size
 MAX_MESSAGE = 0xFFFF
@@ -198,16 +210,153 @@ def message_rows(template: Template, wire: memoryview | bytes, start: int, messa
     return rows
 
 
-def stamp(rows: npt.NDArray[np.uint8], sequence: int, step: int, export_time: int) -> None:
-    """Write export time and sequence numbers into finished messages (rows) in place.
+def stamp(rows: npt.NDArray[np.uint8], sequence: int, step: int, export_time: int, domain: int | None = None) -> None:
+    """Write export time and sequence numbers (and ``domain``, if given) into finished messages (rows) in place.
 
     Row ``i`` gets ``sequence + i * step`` (mod 2^32): the data records sent
     before it when every row before it carries ``step`` records (RFC 7011 §3.1).
+    The rows are shared by every collector they are queued for, so a
+    collector with a domain of its own writes it, and every other one its
+    message's own, just before each send.
     """
     n = len(rows)
     if n == 1:  # the common small case: one struct call beats building arrays
-        _TIME_SEQ.pack_into(rows[0], 4, export_time & 0xFFFFFFFF, sequence & 0xFFFFFFFF)
+        if domain is None:
+            _TIME_SEQ.pack_into(rows[0], 4, export_time & 0xFFFFFFFF, sequence & 0xFFFFFFFF)
+        else:
+            _TIME_SEQ_DOMAIN.pack_into(rows[0], 4, export_time & 0xFFFFFFFF, sequence & 0xFFFFFFFF, domain)
         return
     seq = (np.arange(n, dtype=np.uint64) * np.uint64(step) + np.uint64(sequence & 0xFFFFFFFF)) & np.uint64(0xFFFFFFFF)
     rows[:, 8:12] = seq.astype(">u4").view(np.uint8).reshape(n, 4)
     rows[:, 4:8] = np.frombuffer((export_time & 0xFFFFFFFF).to_bytes(4, "big"), dtype=np.uint8)
+    if domain is not None:
+        rows[:, 12:16] = np.frombuffer(domain.to_bytes(4, "big"), dtype=np.uint8)
+
+
+@dataclass(slots=True)
+class Cut:
+    """Messages of one size made by ``recut``, each with ``records`` data records.
+
+    ``packets`` / ``octets``: per message, the sums of the records'
+    packetDeltaCount / octetDeltaCount (None when the template has none).
+    """
+
+    rows: npt.NDArray[np.uint8]
+    records: int
+    packets: npt.NDArray[np.uint64] | None
+    octets: npt.NDArray[np.uint64] | None
+
+
+def _counts(template: Template, wire: npt.NDArray[np.uint8], messages: int
+            ) -> tuple[npt.NDArray[np.uint64] | None, npt.NDArray[np.uint64] | None]:
+    """Per-message packet and octet totals of ``wire`` (records of ``template``, ``messages`` equal runs)."""
+    names = template.wire_dtype.names or ()
+    if "packetDeltaCount" not in names or "octetDeltaCount" not in names:
+        return None, None
+    recs = wire.view(template.wire_dtype)
+    pk = recs["packetDeltaCount"].astype(np.uint64).reshape(messages, -1).sum(axis=1, dtype=np.uint64)
+    oc = recs["octetDeltaCount"].astype(np.uint64).reshape(messages, -1).sum(axis=1, dtype=np.uint64)
+    return pk, oc
+
+
+def data_sets(message: npt.NDArray[np.uint8] | bytes) -> list[tuple[int, memoryview]]:
+    """``(set id, set body)`` of every set of one message, in order; raises ``EncodeError`` if torn."""
+    view = memoryview(message).cast("B") if not isinstance(message, memoryview) else message
+    length = HEADER.unpack_from(view)[1]
+    at, out = HEADER_LEN, []
+    while at + SET_HEADER_LEN <= length:
+        set_id, set_len = SET_HEADER.unpack_from(view, at)
+        if set_len < SET_HEADER_LEN or at + set_len > length:
+            raise EncodeError(f"set {set_id} at octet {at} runs past the message end ({length})")
+        out.append((set_id, view[at + SET_HEADER_LEN:at + set_len]))
+        at += set_len
+    return out
+
+
+def recut(rows: npt.NDArray[np.uint8], size: int, template_by_id: Callable[[int], Template | None]) -> list[Cut]:
+    """The data records of ``rows`` (finished messages of one domain) in messages of at most ``size`` octets.
+
+    Same records, same order, same domain; export time and sequence number
+    are left for ``stamp``. ``template_by_id`` finds each data set's
+    template. Template sets cannot be cut (a template-only message is made
+    again at the size instead): an ``EncodeError``, as is a record that
+    does not fit ``size`` at all.
+    """
+    n, length = rows.shape
+    domain = int.from_bytes(rows[0, 12:16].tobytes(), "big")
+    first = HEADER_LEN + SET_HEADER_LEN
+    set_ids = (rows[:, HEADER_LEN].astype(np.uint16) << 8) | rows[:, HEADER_LEN + 1]
+    set_lens = (rows[:, HEADER_LEN + 2].astype(np.uint16) << 8) | rows[:, HEADER_LEN + 3]
+    if length > first and (set_ids == set_ids[0]).all() and (set_lens == length - HEADER_LEN).all():
+        template = template_by_id(int(set_ids[0]))
+        if template is None:
+            raise EncodeError(f"no template {int(set_ids[0])} to cut its messages by")
+        return _recut_one_set(rows, size, template, domain)
+    return [cut for row in rows for cut in _repack(row, size, template_by_id, domain)]
+
+
+def _recut_one_set(rows: npt.NDArray[np.uint8], size: int, template: Template, domain: int) -> list[Cut]:
+    """Rows of one data set of one template: record regions end to end, reshaped into new rows."""
+    rl = template.record_length
+    per = (size - HEADER_LEN - SET_HEADER_LEN) // rl
+    if per < 1:
+        raise EncodeError(f"a {rl}-octet record of template {template.template_id} does not fit "
+                          f"in a {size}-octet message")
+    flat = np.ascontiguousarray(rows[:, HEADER_LEN + SET_HEADER_LEN:]).reshape(-1)
+    total = flat.size // rl
+    full, rest = divmod(total, per)
+    out = []
+    if full:
+        pk, oc = _counts(template, flat[:full * per * rl], full)
+        out.append(Cut(message_rows(template, flat, 0, full, per, domain), per, pk, oc))
+    if rest:
+        pk, oc = _counts(template, flat[full * per * rl:], 1)
+        out.append(Cut(message_rows(template, flat, full * per, 1, rest, domain), rest, pk, oc))
+    return out
+
+
+def _repack(row: npt.NDArray[np.uint8], size: int, template_by_id: Callable[[int], Template | None],
+            domain: int) -> list[Cut]:
+    """One message of any sets, its data records packed again through a ``Message`` of ``size``.
+
+    A template without packet and octet counters adds 0 to them, as when
+    the message was first filled.
+    """
+    m = Message(size)
+    m.begin(domain)
+    out: list[Cut] = []
+    counts = [0, 0]  # packets, octets of the message being filled
+
+    def finish() -> None:
+        rows = np.frombuffer(m.finish(0, 0), dtype=np.uint8).reshape(1, -1).copy()
+        out.append(Cut(rows, m.data_records, np.array([counts[0]], dtype=np.uint64),
+                       np.array([counts[1]], dtype=np.uint64)))
+        m.begin(domain)
+        counts[0] = counts[1] = 0
+
+    for set_id, body in data_sets(row):
+        if set_id < 256:
+            raise EncodeError(f"set {set_id} is a template set: a template message is made again, not cut")
+        template = template_by_id(set_id)
+        if template is None:
+            raise EncodeError(f"no template {set_id} to cut its messages by")
+        wire = np.frombuffer(body, dtype=np.uint8)
+        names = template.wire_dtype.names or ()
+        has = "packetDeltaCount" in names and "octetDeltaCount" in names
+        recs = wire[:len(wire) - len(wire) % template.record_length].view(template.wire_dtype)
+        start = 0
+        while start < len(recs):
+            k = m.add_records(template, body, start)
+            if k == 0:
+                if m.empty:
+                    raise EncodeError(f"a {template.record_length}-octet record of template {set_id} "
+                                      f"does not fit in a {size}-octet message")
+                finish()
+                continue
+            if has:
+                counts[0] += int(recs["packetDeltaCount"][start:start + k].sum(dtype=np.uint64))
+                counts[1] += int(recs["octetDeltaCount"][start:start + k].sum(dtype=np.uint64))
+            start += k
+    if not m.empty:
+        finish()
+    return out

@@ -13,7 +13,37 @@ separate state for each. For every observation domain a session holds:
 
 A failed send also marks every domain's templates as due, so a collector
 that comes back (or a file that has room again) gets the templates again
-before its next data.
+before its next data. A message the path refuses as too big is not a
+failed send (below).
+
+Message size: a session sends messages of at most ``message_size``
+octets. For a file that is its ``MaxMessageSize`` (the collector's own, or
+the exporter's). For a UDP collector it is that size or, when smaller,
+what the path takes whole (``UdpTransport.path_budget``: the kernel's path
+MTU minus the IP and UDP headers), read again every ``PATH_CHECK_S`` (so
+it grows back when the path does) and at once when the kernel refuses a
+datagram with ``EMSGSIZE``. ``MaxMessageSize`` is thus a ceiling the path
+may lower, never raise: a message is never fragmented (``IP_PMTUDISC_DO``),
+and one line in the log says when the path holds a collector below it.
+A queued message larger than the session's size is cut again for this
+session alone before it leaves (``fit_head``, ``message.recut``): the same
+records in smaller messages. A datagram refused with ``EMSGSIZE`` is
+therefore not lost: the size is read again, the message cut and sent
+again; it counts as neither sent nor not sent, advances no sequence number
+and makes no template due. The kernel also says ``EMSGSIZE`` once for a
+datagram that fitted, when an ICMP "fragmentation needed" (IPv6: "packet
+too big") about an *earlier* one came back from a router on the path:
+that one datagram was dropped by the router and cannot be known here (the
+collector sees a gap in the sequence numbers), the refused one is sent
+again as it is. Refused twice at a size the path MTU says fits, the
+session sends 512-octet packets (RFC 7011 §10.3.3, PMTU unknown) until
+the next read; refused at that size, the message is not sent (``EMSGSIZE``).
+
+Observation domain: a collector with a domain of its own (``domain``) gets
+it in the header of every message of a non-zero domain; statistics
+(domain 0) stay in 0. Sequence numbers and template state are kept per
+domain as the collector sees it (RFC 7011 §3.1: per transport session and
+observation domain).
 
 Every message not sent is counted once, under its cause, in
 ``SessionCounters.errors``: the errno name of the failed send or write
@@ -34,6 +64,7 @@ reads them, so messages leave at ``rate`` a second on average and at most
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import time
 from collections import deque
@@ -43,16 +74,24 @@ from typing import Callable
 import numpy as np
 import numpy.typing as npt
 
-from .message import stamp
-from .transport import PEER_POLL_S
+from .message import EncodeError, stamp
+from .transport import IP_UDP_OVERHEAD, PEER_POLL_S
+
+log = logging.getLogger("flowmeter.exporter")
 
 # causes of messages not sent that are not an errno name (keys of ``SessionCounters.errors``)
 QUEUE_FULL = "queue full"  # this collector's queue was full: its oldest messages were given up
 STOPPED = "stopped"  # a second stop signal gave up what was still queued
+TOO_BIG = "EMSGSIZE"  # the path refused a message even at the smallest size
+
+PATH_CHECK_S = 2.0  # a UDP collector's path MTU is read again this often (and at every EMSGSIZE)
+MIN_MESSAGE = 256  # never smaller messages than this, whatever the path says (MaxMessageSize's minimum)
+SAFE_PACKET = 512  # IP packet octets when the path MTU cannot be trusted (RFC 7011 §10.3.3)
 
 
 @dataclass(slots=True)
 class DomainState:
+    source: int = 0  # the records' domain (the header's may be the collector's own)
     sequence: int = 0
     templates_sent_at: float | None = None  # monotonic time, None = never / due now
     messages_since_templates: int = 0
@@ -70,6 +109,8 @@ class SessionCounters:
     not_sent_records: int = 0
     not_sent_packets: int = 0
     not_sent_octets: int = 0
+    recuts: int = 0  # queued messages cut again smaller for this collector (its path or size)
+    refused: int = 0  # sends the kernel refused with EMSGSIZE (sent again, cut or as they were)
     errors: dict[str, int] = field(default_factory=dict)  # messages not sent, by cause (adds up to not_sent_messages)
 
 
@@ -149,9 +190,16 @@ class Session:
     """Export state for one collector over one transport."""
 
     def __init__(self, transport, refresh_s: float, refresh_messages: int, rate: float = 0,
-                 burst: int = 1) -> None:
+                 burst: int = 1, max_message: int = 1452, domain: int | None = None) -> None:
         self.transport = transport
         self.name = str(transport.address)
+        self.max_message = max_message  # the ceiling: MaxMessageSize (the collector's own or the exporter's)
+        self.message_size = max_message  # what leaves now: the ceiling or, when smaller, the path's
+        self.header_domain = domain  # None: each message's own domain
+        self._path: int | None = None  # the path's budget at the last read (None: unknown, or a file)
+        self._path_read_at = -math.inf
+        self._safe_until = -math.inf  # until then, 512-octet packets (refused at a size said to fit)
+        self._refused_at: int | None = None  # size of a refusal not yet followed by a send that went
         self.refresh_s = refresh_s
         self.refresh_messages = refresh_messages
         self.domains: dict[int, DomainState] = {}
@@ -165,6 +213,98 @@ class Session:
         self._peer_paced = False  # the last allowance came from that queue, not from the tokens
         self.last_cause = ""  # errno name of the last failed send ("ENOSPC", "ECONNREFUSED", ...)
         self.set_pace(rate, burst)
+        self.check_size(time.monotonic(), force=True)
+
+    # --- message size ---------------------------------------------------
+    def check_size(self, now: float, force: bool = False) -> int:
+        """``message_size`` as it should be now (the path read again every ``PATH_CHECK_S``, or when ``force``)."""
+        budget = getattr(self.transport, "path_budget", None)
+        if budget is None:  # a file: no path
+            self.message_size = self.max_message
+            return self.message_size
+        if not force and now - self._path_read_at < PATH_CHECK_S:
+            return self.message_size
+        self._path_read_at = now
+        path = budget()
+        if path is not None:
+            self._path = path
+        size = self.max_message if self._path is None else min(self.max_message, self._path)
+        if now < self._safe_until:
+            size = min(size, SAFE_PACKET - IP_UDP_OVERHEAD[self.transport.family])
+        self._resize(max(MIN_MESSAGE, size))
+        return self.message_size
+
+    def _resize(self, size: int) -> None:
+        if size == self.message_size:
+            return
+        self.message_size = size
+        if size < self.max_message:
+            log.warning("collector %s: its path takes messages of at most %d octets (MaxMessageSize %d): "
+                        "sending %d-octet messages", self.name, self._path or size, self.max_message, size)
+        else:
+            log.info("collector %s: %d-octet messages again (MaxMessageSize)", self.name, size)
+
+    def set_max_message(self, octets: int, now: float) -> None:
+        """A new ceiling (a reload): the size follows at once; queued larger messages are cut as they leave."""
+        self.max_message = octets
+        self.check_size(now, force=True)
+
+    def set_header_domain(self, domain: int | None) -> None:
+        """A new domain of its own (a reload): its sequence numbers start at 0, its templates go first.
+
+        The collector sees another observation domain: per RFC 7011 §3.1 a
+        counter of its own, starting like any new one.
+        """
+        if domain == self.header_domain:
+            return
+        self.header_domain = domain
+        sources = {st.source for st in self.domains.values()}
+        self.domains = {}
+        for source in sources:
+            self.domain(source)
+
+    def _refused(self, size: int, now: float) -> bool:
+        """The kernel said ``EMSGSIZE`` for a message of ``size`` octets: True when it is to be sent
+        again (cut or as it is), False when even the smallest size does not pass (not sent)."""
+        self.counters.refused += 1
+        self.check_size(now, force=True)
+        if self.message_size < size:
+            return True  # cut at the path's new size
+        if self._refused_at != size:  # the error was an ICMP's about an earlier datagram: once more as it is
+            self._refused_at = size
+            return True
+        safe = max(MIN_MESSAGE, SAFE_PACKET - IP_UDP_OVERHEAD[self.transport.family])
+        if size <= safe:
+            return False
+        self._safe_until = now + PATH_CHECK_S
+        self.check_size(now, force=True)
+        return True
+
+    def fit_head(self, recut: Callable[[Outgoing, int, int], list[Outgoing]]) -> None:
+        """Cut the head of the queue again when its messages are larger than ``message_size``.
+
+        ``recut(out, first, size)`` gives messages ``first`` onwards of
+        ``out`` as new ``Outgoing``s of at most ``size`` octets; they take its
+        place in this session's queue only (the others keep the shared rows).
+        """
+        entry = self.queue[0]
+        out = entry.out
+        if out.rows is None or out.size <= self.message_size or out.templates:
+            return
+        left = out.count - entry.pos
+        try:
+            cuts = recut(out, entry.pos, self.message_size)
+        except EncodeError:  # a record larger than the message: cannot go to this collector
+            self.drop(left, TOO_BIG)
+            return
+        self.counters.recuts += left
+        self.queue.popleft()
+        self.queued -= left
+        self.queued_octets -= left * out.size
+        for piece in reversed(cuts):
+            self.queue.appendleft(Queued(piece))
+            self.queued += piece.count
+            self.queued_octets += piece.count * piece.size
 
     def set_pace(self, rate: float, burst: int) -> None:
         """Pace this session at ``rate`` messages a second (0 = unlimited; files are never paced)."""
@@ -252,10 +392,18 @@ class Session:
         while self.queue:
             self.drop(self.queue[0].out.count, cause)
 
+    def header(self, domain: int) -> int:
+        """The observation domain this collector sees for records of ``domain``."""
+        if self.header_domain is None or domain == 0:
+            return domain
+        return self.header_domain
+
     def domain(self, domain: int) -> DomainState:
-        st = self.domains.get(domain)
+        """The state of records of ``domain``: that of the domain in this collector's headers."""
+        key = self.header(domain)
+        st = self.domains.get(key)
         if st is None:
-            st = self.domains[domain] = DomainState()
+            st = self.domains[key] = DomainState(source=domain)
         return st
 
     def templates_due(self, domain: int, now: float) -> bool:
@@ -280,18 +428,21 @@ class Session:
         """Send messages ``first`` to ``first + n`` of ``out``, stamped for this session.
 
         Row ``i`` gets this session's sequence number plus the records of the
-        rows before it, and the export time of now. Returns (messages that
-        left, messages lost to an error); the rest were not tried. Only what
-        left advances the sequence number and takes tokens; what was lost is
-        counted in the not-sent totals and makes every template due again.
+        rows before it, the export time of now and this collector's domain.
+        Returns (messages that left, messages lost to an error); the rest were
+        not tried. Only what left advances the sequence number and takes
+        tokens; what was lost is counted in the not-sent totals and makes
+        every template due again. A message refused as too big for the path
+        is neither: it stays at the head, to be cut again (``fit_head``).
         """
         assert out.rows is not None
         st = self.domain(out.domain)
         rows = out.rows[first:first + n]
-        stamp(rows, st.sequence, out.records, self.export_time())
+        stamp(rows, st.sequence, out.records, self.export_time(), self.header(out.domain))
         sent, error = self.transport.send_rows(rows, now)
         c = self.counters
         if sent:
+            self._refused_at = None
             st.sequence = (st.sequence + sent * out.records) & 0xFFFFFFFF
             c.messages += sent
             c.octets += sent * out.size
@@ -314,6 +465,12 @@ class Session:
         if error is None:
             return sent, 0
         self.last_cause = errno.errorcode.get(error.errno or 0, "EIO")
+        if error.errno == errno.EMSGSIZE and self._refused(out.size, now):
+            return sent, 0  # not lost: cut smaller (``fit_head``) or as it is, it goes again
+        if error.errno == errno.EMSGSIZE:  # even the smallest size does not pass: not sent, no templates due
+            lost = min(error.lost, n - sent)
+            self._not_sent(out, first + sent, lost, self.last_cause)
+            return sent, lost
         lost = min(error.lost, n - sent)
         self._not_sent(out, first + sent, lost, self.last_cause)
         self.mark_templates_due()

@@ -8,14 +8,24 @@
   socket buffer waits a few milliseconds at most, then the message counts
   as not sent, so one slow or dead collector never holds up the others.
   ``IP_PMTUDISC_DO`` / ``IPV6_DONTFRAG`` turn an oversize message into an
-  error instead of an IP fragment (RFC 7011 §10.3.3).
+  error (``EMSGSIZE``) instead of an IP fragment (RFC 7011 §10.3.3).
+  ``path_budget()`` is the largest message the path takes whole: the
+  kernel's MTU for the connected socket (``IP_MTU`` / ``IPV6_MTU``: the
+  route's, or a smaller one learnt from an ICMP "fragmentation needed" /
+  "packet too big") minus the IP and UDP headers (28 octets over IPv4, 48
+  over IPv6). The session sizes its messages by it (``exporter/session.py``).
   Equal-size messages (the rows of one array, see ``send_rows``) leave
   with UDP generic segmentation offload (``UDP_SEGMENT``, Linux 4.18+): one
   system call hands the kernel up to 64 messages, which go on the wire as
   that many ordinary datagrams, each with its own UDP header and checksum;
   on loopback that costs about a fifth of one ``send`` per message. Where
   the kernel or the route cannot segment (no checksum offload, IPsec),
-  the transport falls back to one ``send`` per message for good. A packet
+  the transport falls back to one ``send`` per message for good. The
+  kernel says ``EINVAL`` both for that and for segments larger than the
+  path MTU: a refused segmented send whose messages are over the freshly
+  read ``path_budget()`` is reported as ``EMSGSIZE`` (the messages must be
+  cut smaller, segmentation stays on), only one that fits the path turns
+  segmentation off. A packet
   capture on the exporting host sees what the kernel was handed: on
   loopback, or with a NIC that segments in hardware, one large UDP packet
   per segmented send (``ExportSettings.segmented_sends`` turns it off). The send
@@ -40,7 +50,7 @@ import select
 import socket
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +59,10 @@ import numpy.typing as npt
 _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 _IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
 _IPV6_DONTFRAG = getattr(socket, "IPV6_DONTFRAG", 62)
+_IP_MTU = getattr(socket, "IP_MTU", 14)
+_IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
+IP_UDP_OVERHEAD = {socket.AF_INET: 20 + 8, socket.AF_INET6: 40 + 8}  # header octets ahead of a message
+UDP_LARGEST = {socket.AF_INET: 65507, socket.AF_INET6: 65527}  # largest UDP payload (IPv6 without jumbograms)
 
 _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 _SOL_UDP = getattr(socket, "SOL_UDP", 17)
@@ -78,12 +92,22 @@ class TransportError(OSError):
 
 @dataclass(frozen=True, slots=True)
 class CollectorAddress:
-    """Where a collector is: ``kind`` "udp" (host, port) or "file" (path)."""
+    """Where a collector is: ``kind`` "udp" (host, port) or "file" (path).
+
+    ``max_message`` and ``domain`` are this collector's own settings, if it
+    has any: the largest message it gets (0: the exporter's) and the
+    observation domain written in its messages' headers (None: the
+    records' own). They are not part of the collector's identity (equality,
+    hash): the same address with other settings is the same collector, so
+    a reload that changes them keeps its transport session.
+    """
 
     kind: str
     host: str = ""
     port: int = 0
     path: str = ""
+    max_message: int = field(default=0, compare=False)
+    domain: int | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         if self.kind == "file":
@@ -284,6 +308,7 @@ class UdpTransport:
         self.send_buffer = send_buffer
         self.granted_buffer = 0  # SO_SNDBUF as the kernel reports it, 0 = no socket yet
         self.gso = True  # segmented sends; off for good once the kernel refuses one
+        self.family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         self._sock: socket.socket | None = None
         self._next_connect = 0.0
         self.last_error = ""
@@ -304,8 +329,26 @@ class UdpTransport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
         self.granted_buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
 
+    def path_mtu(self) -> int | None:
+        """The kernel's MTU for this socket's path now; None without a socket (or a route)."""
+        if self._sock is None:
+            return None
+        try:
+            if self.family == socket.AF_INET:
+                return self._sock.getsockopt(socket.IPPROTO_IP, _IP_MTU)
+            return self._sock.getsockopt(socket.IPPROTO_IPV6, _IPV6_MTU)
+        except OSError:  # ENOTCONN: no route for the moment
+            return None
+
+    def path_budget(self) -> int | None:
+        """Octets of the largest IPFIX message the path takes unfragmented; None when unknown."""
+        mtu = self.path_mtu()
+        if mtu is None or mtu <= 0:
+            return None
+        return min(mtu - IP_UDP_OVERHEAD[self.family], UDP_LARGEST[self.family])
+
     def _connect(self, now: float) -> bool:
-        family = socket.AF_INET6 if ":" in self.address.host else socket.AF_INET
+        family = self.family
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             self._apply_send_buffer(sock)
@@ -364,6 +407,13 @@ class UdpTransport:
                 else:
                     self._send_segmented(rows[sent:sent + k], size, now)
             except TransportError as exc:
+                if k > 1 and exc.errno in (errno.EINVAL, errno.EMSGSIZE):
+                    budget = self.path_budget()
+                    if budget is not None and size > budget:  # too big for the path, not "cannot segment"
+                        self.last_error = os.strerror(errno.EMSGSIZE)
+                        error = TransportError(errno.EMSGSIZE, self.last_error)
+                        error.lost = k
+                        return sent, error
                 if k > 1 and exc.errno in _NO_GSO:
                     self.gso = False
                     per = 1

@@ -38,6 +38,9 @@ from flowmeter.ipc.packets import DROP_REASONS
 SECTION = "FlowMetadata"
 DIRECTIONS = ("Both", "SendingToPeer", "ReceivedFromPeer")
 COLLECTOR_FORMS = "Udp/ADDRESS:PORT or File/PATH"
+COLLECTOR_KEYS = ("Address", "ObservationDomainId", "MaxMessageSize")  # keys of a collector given as an object
+DOMAIN_ACCEPTS = "a whole number from 0 to 4294967295"
+SIZE_ACCEPTS = "a whole number of octets from 256 to 65507"
 SOURCE_FORMS = "pcap:PATH, afpacket:IFACE, nflog:GROUP or feed:ENDPOINT"
 _IFNAME = re.compile(r"[^/\s:]{1,15}")  # a Linux interface name (IFNAMSIZ - 1 octets)
 UINT32_MAX = 0xFFFF_FFFF
@@ -116,17 +119,47 @@ def _direction(value: str) -> str:
 
 
 def _collectors(items: list[Any]) -> tuple[CollectorAddress, ...]:
+    """Each entry a string, or an object with its own settings (``_collector_object``)."""
     seen: dict[CollectorAddress, int] = {}  # address -> index of its first entry
+    out = []
     for index, item in enumerate(items):
         where = f"[{index}]"
         try:
-            address = _collector(item)
+            address = _collector_object(item) if isinstance(item, dict) else _collector(item)
         except _Rejected as exc:
-            raise _Rejected(exc.detail, where) from None
-        if address in seen:
-            raise _Rejected(f"{_show(item)} repeats IpFixCollectors[{seen[address]}]", where)
+            raise _Rejected(exc.detail, where + exc.where) from None
+        if address in seen:  # the same address with other settings is still the same collector
+            shown = item.get("Address") if isinstance(item, dict) else item
+            raise _Rejected(f"{_show(shown)} repeats IpFixCollectors[{seen[address]}]", where)
         seen[address] = index
-    return tuple(seen)  # dicts keep insertion order: the profile's order
+        out.append(address)
+    return tuple(out)
+
+
+def _collector_object(item: dict[str, Any]) -> CollectorAddress:
+    """``{"Address": "Udp/...", "ObservationDomainId": N, "MaxMessageSize": M}``: settings of this collector only.
+
+    ``ObservationDomainId`` replaces the domain in the headers of this
+    collector's messages (statistics stay in domain 0); ``MaxMessageSize``
+    is this collector's largest message (a UDP path may still lower it).
+    """
+    for key in item:
+        if key not in COLLECTOR_KEYS:
+            close = difflib.get_close_matches(str(key), COLLECTOR_KEYS, n=1)
+            hint = f"did you mean {close[0]}?" if close else "known keys are " + ", ".join(COLLECTOR_KEYS)
+            raise _Rejected(f"unknown key; {hint}", f".{key}")
+    if "Address" not in item:
+        raise _Rejected(f"{_show(item)} has no Address ({COLLECTOR_FORMS})")
+    try:
+        address = _collector(item["Address"])
+    except _Rejected as exc:
+        raise _Rejected(exc.detail, ".Address") from None
+    domain, size = item.get("ObservationDomainId"), item.get("MaxMessageSize", 0)
+    if domain is not None and not (_is_json_type(domain, int) and 0 <= domain <= UINT32_MAX):
+        raise _Rejected(f"{_show(domain)} is not {DOMAIN_ACCEPTS}", ".ObservationDomainId")
+    if "MaxMessageSize" in item and not (_is_json_type(size, int) and 256 <= size <= 65507):
+        raise _Rejected(f"{_show(size)} is not {SIZE_ACCEPTS}", ".MaxMessageSize")
+    return dataclasses.replace(address, max_message=size, domain=domain)
 
 
 def _collector(item: Any) -> CollectorAddress:
@@ -258,8 +291,20 @@ def _as_is(value: Any) -> Any:
     return value
 
 
-def _collector_strings(collectors: tuple[CollectorAddress, ...]) -> list[str]:
-    return [str(c) for c in collectors]
+def _collector_strings(collectors: tuple[CollectorAddress, ...]) -> list[str | dict[str, Any]]:
+    """Each collector as its string, or as an object when it has settings of its own."""
+    out: list[str | dict[str, Any]] = []
+    for c in collectors:
+        if not c.max_message and c.domain is None:
+            out.append(str(c))
+            continue
+        entry: dict[str, Any] = {"Address": str(c)}
+        if c.domain is not None:
+            entry["ObservationDomainId"] = c.domain
+        if c.max_message:
+            entry["MaxMessageSize"] = c.max_message
+        out.append(entry)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +331,8 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("IpFixCollectors", "collectors", list, [], "a list of strings",
             "collectors: Udp/ADDRESS:PORT ([IPv6] in brackets, host names resolved at load) "
-            "or File/PATH (RFC 5655 file)", _collectors, _collector_strings),
+            "or File/PATH (RFC 5655 file), or an object {\"Address\": ..., \"ObservationDomainId\": N, "
+            "\"MaxMessageSize\": M} with settings of that collector only", _collectors, _collector_strings),
     Setting("Direction", "direction", str, "Both", "one of " + ", ".join(DIRECTIONS),
             "traffic metered: Both, SendingToPeer (egress only), ReceivedFromPeer (ingress only)",
             _direction),
@@ -296,12 +342,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("Enabled", "enabled", bool, True, "true or false",
             "export flow records; enabled with no collector = exporting is off"),
     Setting("ObservationDomainId", "observation_domain_id", int, 1,
-            f"a whole number from 0 to {UINT32_MAX}",
+            DOMAIN_ACCEPTS,
             "observation domain ID in the IPFIX message header (RFC 7011 §3.1)",
             _within(0, UINT32_MAX)),
     Setting("MaxMessageSize", "max_message_size", int, 1452,
-            "a whole number of octets from 256 to 65507",
-            "largest IPFIX message; 1452 fits a 1500-byte MTU over IPv6 and UDP",
+            SIZE_ACCEPTS,
+            "largest IPFIX message (1452 fits a 1500-byte MTU over IPv6 and UDP); a UDP collector's "
+            "messages are smaller where its path MTU is smaller, never fragmented",
             _within(256, 65507)),
     Setting("TemplateRefreshSeconds", "template_refresh_s", float, 30,
             "a number of seconds greater than 0",
@@ -443,7 +490,7 @@ def _human(value: Any) -> str:
     if value == "":
         return "none"
     if isinstance(value, list):
-        return ", ".join(value) if value else "none"
+        return ", ".join(v if isinstance(v, str) else json.dumps(v) for v in value) if value else "none"
     return value if isinstance(value, str) else json.dumps(value)
 
 

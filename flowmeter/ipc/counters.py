@@ -92,6 +92,9 @@ class CollectorCounters:
     export_rate: float = 0.0  # messages a second; 0 = unpaced
     send_buffer: int = 0  # octets of send buffer the kernel granted
     segmented_sends: bool = False  # UDP_SEGMENT in use
+    message_size: int = 0  # octets of the largest message it gets now (MaxMessageSize or its path's)
+    recuts: int = 0  # queued messages cut again smaller for it (a smaller path or size)
+    refused: int = 0  # sends refused with EMSGSIZE (sent again, cut or as they were)
     errors: dict[str, int] = field(default_factory=dict)  # messages not sent, by cause (ENOSPC, ...)
     last_error: str = ""
 

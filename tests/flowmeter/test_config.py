@@ -253,3 +253,90 @@ def test_settings_help_has_one_line_per_key_with_its_default() -> None:
     interval = lines[KEYS.index("Interval")]
     assert "0 or a whole number of milliseconds of at least 1000" in interval
     assert interval.endswith("default 0]")
+
+
+# --- collectors given as objects, with settings of their own ---
+
+BROKEN_COLLECTOR_OBJECTS = [
+    pytest.param({"Address": "Udp/127.0.0.1:4739", "Port": 4740},
+                 "{path}: IpFixCollectors[1].Port: unknown key; known keys are Address, ObservationDomainId, "
+                 "MaxMessageSize", id="unknown-key"),
+    pytest.param({"Address": "Udp/127.0.0.1:4739", "MaxMesageSize": 1400},
+                 "{path}: IpFixCollectors[1].MaxMesageSize: unknown key; did you mean MaxMessageSize?",
+                 id="misspelt-key"),
+    pytest.param({"ObservationDomainId": 3},
+                 '{path}: IpFixCollectors[1]: {{"ObservationDomainId": 3}} has no Address '
+                 "(Udp/ADDRESS:PORT or File/PATH)", id="no-address"),
+    pytest.param({"Address": "Tcp/1.2.3.4:4739"},
+                 '{path}: IpFixCollectors[1].Address: "Tcp/1.2.3.4:4739" is not Udp/ADDRESS:PORT or File/PATH',
+                 id="bad-address"),
+    pytest.param({"Address": ["Udp/127.0.0.1:4739"]},
+                 '{path}: IpFixCollectors[1].Address: ["Udp/127.0.0.1:4739"] is not Udp/ADDRESS:PORT or File/PATH',
+                 id="address-not-string"),
+    pytest.param({"Address": "Udp/127.0.0.1:4739", "MaxMessageSize": 100},
+                 "{path}: IpFixCollectors[1].MaxMessageSize: 100 is not a whole number of octets from 256 to 65507",
+                 id="size-too-small"),
+    pytest.param({"Address": "Udp/127.0.0.1:4739", "MaxMessageSize": "1400"},
+                 '{path}: IpFixCollectors[1].MaxMessageSize: "1400" is not a whole number of octets '
+                 "from 256 to 65507", id="size-string"),
+    pytest.param({"Address": "Udp/127.0.0.1:4739", "ObservationDomainId": -1},
+                 "{path}: IpFixCollectors[1].ObservationDomainId: -1 is not a whole number from 0 to 4294967295",
+                 id="domain-negative"),
+    pytest.param({"Address": "Udp/127.0.0.1:4739", "ObservationDomainId": True},
+                 "{path}: IpFixCollectors[1].ObservationDomainId: true is not a whole number from 0 to 4294967295",
+                 id="domain-bool"),
+    pytest.param({"Address": "Udp/127.0.0.1:4739", "ObservationDomainId": 1.5},
+                 "{path}: IpFixCollectors[1].ObservationDomainId: 1.5 is not a whole number from 0 to 4294967295",
+                 id="domain-fraction"),
+    pytest.param({"Address": "udp/[::1]:4739", "MaxMessageSize": 1400},
+                 '{path}: IpFixCollectors[1]: "udp/[::1]:4739" repeats IpFixCollectors[0]', id="repeat"),
+]
+
+
+@pytest.mark.parametrize(("entry", "expected"), BROKEN_COLLECTOR_OBJECTS)
+def test_broken_collector_object_is_one_exact_line(tmp_path: Path, entry: dict, expected: str) -> None:
+    path = tmp_path / "profile.json"
+    path.write_text(_flow_metadata(IpFixCollectors=["Udp/[::1]:4739", entry]), encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_profile(path)
+    assert str(caught.value) == expected.format(path=path)
+
+
+def test_collector_objects_carry_their_settings_and_dump_as_given(tmp_path: Path) -> None:
+    target = tmp_path / "f.ipfix"
+    collectors = ["Udp/127.0.0.1:4739",
+                  {"Address": "Udp/[::1]:4740", "ObservationDomainId": 9, "MaxMessageSize": 1232},
+                  {"Address": f"File/{target}", "MaxMessageSize": 9000},
+                  {"Address": "Udp/192.0.2.1:4739"}]
+    profile = parse_profile({"FlowMetadata": {"IpFixCollectors": collectors}})
+    plain, v6, file, bare = profile.collectors
+    assert (plain.max_message, plain.domain) == (0, None)
+    assert (v6.host, v6.port, v6.max_message, v6.domain) == ("::1", 4740, 1232, 9)
+    assert (file.path, file.max_message, file.domain) == (str(target), 9000, None)
+    assert (bare.max_message, bare.domain) == (0, None)
+    # a string stays a string; an object without a setting of its own is one
+    assert profile.to_dict()["IpFixCollectors"] == collectors[:3] + ["Udp/192.0.2.1:4739"]
+    again = parse_profile(json.loads(json.dumps({"FlowMetadata": profile.to_dict()})))
+    assert again.to_dict() == profile.to_dict()
+    assert profile.export_settings().collectors[1].domain == 9
+    assert profile.describe().splitlines()[0].startswith('IpFixCollectors: Udp/127.0.0.1:4739, {"Address": ')
+
+
+def test_a_collector_with_other_settings_is_the_same_collector() -> None:
+    """Its settings are not its identity: a reload that changes them keeps its session."""
+    a = CollectorAddress("udp", "127.0.0.1", 4739)
+    b = CollectorAddress("udp", "127.0.0.1", 4739, max_message=1400, domain=3)
+    assert a == b and hash(a) == hash(b) and str(a) == str(b)
+
+
+def test_reload_profile_names_a_changed_collector_setting(tmp_path: Path) -> None:
+    from flowmeter.config import reload_profile
+
+    path = tmp_path / "p.json"
+    path.write_text(_flow_metadata(IpFixCollectors=["Udp/127.0.0.1:4739"]), encoding="utf-8")
+    running = load_profile(path)
+    path.write_text(_flow_metadata(IpFixCollectors=[{"Address": "Udp/127.0.0.1:4739", "MaxMessageSize": 1200}]),
+                    encoding="utf-8")
+    effective, changed, waiting = reload_profile(running, path)
+    assert changed == ["IpFixCollectors"] and waiting == []
+    assert effective.export_settings().collectors[0].max_message == 1200
