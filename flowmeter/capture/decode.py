@@ -75,9 +75,9 @@ addresses is ST_TRUNCATED (Wireshark keys a flow without destination);
 ICMP type/code come from the first two octets (Wireshark wants the whole
 8-octet header), and a later fragment of an ICMP datagram gets its first
 fragment's (Wireshark shows none: without reassembly it sees no ICMP header
-there); malformed options inside an
-extension header do not hide the ports behind it; big-endian NFLOG TLVs are
-recognised; an NFLOG payload cut by the pcap snap length is still decoded.
+there); malformed options inside an extension header do not hide the ports
+behind it; big-endian NFLOG TLVs are recognised; an NFLOG payload cut by
+the pcap snap length is still decoded.
 
 Why one file of over 600 lines: it is one kernel, ``decode_records``, and
 the small per-layer kernels it inlines; the walk from link header to
@@ -395,10 +395,11 @@ def walk_extension_headers(buf, q, end, nh):
 
     Returns (protocol, transport next header, transport start, first
     fragment, fragment id: the identification of the last fragment header
-    whose offset or M flag is set, else -1). The protocol is the last next-header value read, frozen at
-    AH (51); a header counts once its first two octets (the whole 8 for a
-    fragment header) are within ``end``, as Wireshark's. Each header is at
-    least 8 octets, so the walk ends.
+    whose offset or M flag is set, else -1). The protocol is the last
+    next-header value read, frozen at AH (51); a header counts once its
+    first two octets (the whole 8 for a fragment header) are within
+    ``end``, as Wireshark's. Each header is at least 8 octets, so the walk
+    ends.
     """
     proto = nh
     frozen = False

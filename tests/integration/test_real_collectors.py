@@ -159,7 +159,8 @@ def test_ipfixdump_reads_the_same_records_from_the_file(exported):
                   int(rec["destinationTransportPort"]) if "destinationTransportPort" in names else 0,
                   int(rec["tcpControlBits"]) if "tcpControlBits" in names else 0, icmp,
                   int(rec["flowDirection"]), int(rec["flowEndReason"]), int(rec["forwardingStatus"]),
-                  int(rec["ingressInterface"]), int(rec["egressInterface"]), start.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3])] += 1
+                  int(rec["ingressInterface"]), int(rec["egressInterface"]),
+                  start.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3])] += 1
     assert got == want
     stats = [r for r in ipfixdump_records(exported["file"]) if "exportedMessageTotalCount" in r]
     assert len(stats) == 1 and int(stats[0]["exportedFlowRecordTotalCount"]) == PER_TEMPLATE * 8
