@@ -15,19 +15,23 @@ side this source does not see:
   egress 0.
 
 Only namespaces made here carry the traffic; they are removed at the end.
+Capture files replayed (``flowmeter replay``): pcapng interfaces and packet
+flags, and ICMP fragments, read back by nfdump and ipfixDump.
 """
 from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 from collections import defaultdict
 
-import pytest
-
-from tests.support.collectors import ipfixdump_records
-from tests.support.liverun import A4, A6, B4, B6, NsNfcapd, Run
+from tests.capture.test_pcapfile import epb, idb, shb
+from tests.support.collectors import Nfcapd, ipfixdump_records
+from tests.support.liverun import A4, A6, B4, B6, ROOT, NsNfcapd, Run
 from tests.support.netns import Namespaces, available, entered
+from tests.support.pcapwrite import ETH_IPV4, ethernet, ethernet_ipv4_udp, icmp, ipv4, write_pcap
 
 PINGS, PING_PAYLOAD = 3, 2000  # over the 1500-octet MTU: two fragments each (IPv4 1500 + 548 octets)
 
@@ -175,3 +179,63 @@ def test_nflog_forward_hook_in_device_ingress_out_device_egress(tmp_path):
     dumped = [(int(x["destinationTransportPort"]), int(x["forwardingStatus"]), int(x["ingressInterface"]),
                int(x["egressInterface"])) for x in ipfixdump_records(ipfix) if "destinationTransportPort" in x]
     assert sorted(dumped) == [(7701, 64, vr0, vr1), (7703, 64, vr1, vr0), (9999, 129, vr0, 0)]  # "drop": AclDeny
+
+
+# --- capture files, replayed ---------------------------------------------------------------
+
+
+def replay(capture, tmp_path) -> tuple[list[dict], list[dict]]:
+    """``flowmeter replay`` of ``capture`` into nfcapd and an IPFIX file: (nfdump rows, ipfixDump records)."""
+    ipfix = tmp_path / "out.ipfix"
+    nf = Nfcapd(tmp_path / "nfcapd")
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"FlowMetadata": {"IpFixCollectors": [nf.collector, f"File/{ipfix}"],
+                                                    "StatisticsIntervalSeconds": 0}}))
+    try:
+        r = subprocess.run([sys.executable, "-m", "flowmeter.cli", "replay", str(capture), "--profile", str(profile)],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        rows = nf.records()
+    finally:
+        nf.stop()
+    return rows, [x for x in ipfixdump_records(ipfix) if "packetDeltaCount" in x]
+
+
+def test_pcapng_interfaces_numbered_across_sections_on_the_side_of_the_packet_flags(tmp_path):
+    def udp_frame(src: str, dst: str) -> bytes:
+        return ethernet_ipv4_udp(src, dst, 5000, 6000, b"x" * 10)
+
+    t = 1_700_000_000 * 10**6  # µs, the interfaces' default resolution
+    le, be = "<", ">"
+    data = (shb(le) + idb(le, 1, 0) + idb(le, 1, 0)
+            + epb(le, 0, t, udp_frame("10.0.0.1", "10.0.0.2"), flags=2)  # sent on interface 0: egress 1
+            + epb(le, 0, t + 1, udp_frame("10.0.0.2", "10.0.0.1"), flags=1)  # received on it: ingress 1
+            + epb(le, 1, t + 2, udp_frame("10.0.1.1", "10.0.1.2"))  # interface 1, no flags: ingress 2
+            + shb(be) + idb(be, 1, 0)
+            + epb(be, 0, t + 3, udp_frame("10.0.2.1", "10.0.2.2"), flags=2))  # section 2's interface 0: the 3rd
+    path = tmp_path / "ifaces.pcapng"
+    path.write_bytes(data)
+    rows, dumped = replay(path, tmp_path)
+    got = sorted((r["src4_addr"], r["input_snmp"], r["output_snmp"]) for r in rows)
+    assert got == [("10.0.0.1", 0, 1), ("10.0.0.2", 1, 0), ("10.0.1.1", 2, 0), ("10.0.2.1", 0, 3)]
+    assert sorted((x["sourceIPv4Address"], int(x["ingressInterface"]), int(x["egressInterface"])) for x in dumped) == got
+
+
+def test_icmp_later_fragments_are_never_exported_as_echo_replies(tmp_path):
+    """A later fragment whose first was seen counts in its datagram's flow (type 8); one whose first
+    was not carries no ICMP type at all (ipfixDump: no icmpTypeCodeIPv4 element), not type 0."""
+    a, b = "192.0.2.1", "192.0.2.2"
+    echo = icmp(8, 0, bytes(1472))
+    t = 1_700_000_000 * 10**9
+    packets = [(t, ethernet(ipv4(a, b, 1, echo[:1480], ident=77, flags=1), ETH_IPV4)),
+               (t + 10**6, ethernet(ipv4(a, b, 1, echo[1480:] + bytes(100), ident=77, frag_offset=185), ETH_IPV4)),
+               (t + 2 * 10**6, ethernet(ipv4(a, b, 1, bytes(100), ident=78, frag_offset=185), ETH_IPV4)),
+               (t + 3 * 10**6, ethernet(ipv4(b, a, 1, icmp(0, 0, bytes(56))), ETH_IPV4))]
+    path = tmp_path / "icmp-fragments.pcap"
+    write_pcap(path, packets)
+    _, dumped = replay(path, tmp_path)
+    got = sorted((x["sourceIPv4Address"], int(x["protocolIdentifier"]), x.get("icmpTypeCodeIPv4", "none"),
+                  int(x["packetDeltaCount"]), int(x["octetDeltaCount"])) for x in dumped)
+    assert got == [(a, 1, "2048", 2, len(packets[0][1]) + len(packets[1][1]) - 28),  # the echo request: both
+                   (a, 1, "none", 1, 120),  # the orphan later fragment: protocol 1, no type at all
+                   (b, 1, "0", 1, len(packets[3][1]) - 14)]  # the only echo reply
