@@ -53,7 +53,11 @@ another flow):
 
 A frame dropped by policy never left: its egress is 0 (IPFIX-NOTES §10).
 
-The row is 64 octets (one cache line), aligned for the batch ring.
+Size: 64 octets. The 60-octet row of schema version 4 had no spare octet
+(no padding, every field in use); the second interface's four octets make
+it exactly one cache line, and since batch ring slots start on a page
+boundary, every row there is one aligned line (14 in 16 of the 60-octet
+rows straddled two).
 """
 from __future__ import annotations
 
