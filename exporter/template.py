@@ -150,7 +150,7 @@ def _els(*names: str) -> tuple[InformationElement, ...]:
 
 _TIMES_COUNTS = ("flowStartMilliseconds", "flowEndMilliseconds", "octetDeltaCount", "packetDeltaCount")
 _TAIL = ("protocolIdentifier", "ipClassOfService", "flowDirection", "flowEndReason",
-         "forwardingStatus", "ingressInterface")
+         "forwardingStatus", "ingressInterface", "egressInterface")
 _ADDRS = {4: ("sourceIPv4Address", "destinationIPv4Address"),
           6: ("sourceIPv6Address", "destinationIPv6Address")}
 _CLASS_FIELDS = {

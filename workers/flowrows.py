@@ -6,16 +6,16 @@ record and free its row and slot. That shared part lives here, below both,
 so that neither imports the other.
 
 Flow key: ``(ip_version, proto, src, dst, sport, dport, icmp, direction,
-fwd_status, ifindex)``. Per flow: first/last packet time, packets, octets
+fwd_status, ingress_if, egress_if)``. Per flow: first/last packet time, packets, octets
 (sum of ``l3_bytes``), OR of TCP flags, class of service of the first packet.
 
-Table layout (81 octets a flow, plus the index)
+Table layout (85 octets a flow, plus the index)
 -----------------------------------------------
-``rows``   ``ROW_DTYPE[max_flows]``, packed, 65 octets::
+``rows``   ``ROW_DTYPE[max_flows]``, packed, 69 octets::
 
              src_hi src_lo dst_hi dst_lo   4 x u8   key: addresses
              ports                         u8       sport | dport<<16 | icmp<<32 | ip_version<<48 | proto<<56
-             ifindex                       u4
+             ifaces                        u8       ingress_if | egress_if<<32
              dirfwd                        u2       direction | fwd_status<<8
              packets bytes                 2 x i8   delta counters of the current reporting interval
              tcp_flags tos state           3 x u1   state: S_FIN once a FIN was seen
@@ -24,7 +24,7 @@ Table layout (81 octets a flow, plus the index)
            reporting interval; ``last_ns = FREE_ROW`` marks a free row,
            ``first_ns = NO_PACKETS`` a flow with no packet since its last
            report. Why apart from the rows: the expiry sweep and the
-           eviction scans read only times, 16 octets a row instead of 81
+           eviction scans read only times, 16 octets a row instead of 85
            (about 1 ms instead of 6 ms per pass over 1M flows). Why not one
            array per field: a packet touches its whole flow at a random
            place, and every separate array is one more cache miss.
@@ -56,7 +56,7 @@ from numba.extending import intrinsic
 
 ROW_DTYPE = np.dtype([
     ("src_hi", "<u8"), ("src_lo", "<u8"), ("dst_hi", "<u8"), ("dst_lo", "<u8"),
-    ("ports", "<u8"), ("ifindex", "<u4"), ("dirfwd", "<u2"),
+    ("ports", "<u8"), ("ifaces", "<u8"), ("dirfwd", "<u2"),
     ("packets", "<i8"), ("bytes", "<i8"),
     ("tcp_flags", "u1"), ("tos", "u1"), ("state", "u1"),
 ])
@@ -123,9 +123,9 @@ def _mix(h, w):
 
 
 @njit(inline="always")
-def flow_key_hash(src_hi, src_lo, dst_hi, dst_lo, ports, ifx_dirfwd):
-    """64-bit hash of a flow key given as six 64-bit words (multiply-xorshift, splitmix64 finaliser)."""
-    h = _mix(_mix(_mix(_mix(_mix(_mix(M0, src_hi), src_lo), dst_hi), dst_lo), ports), ifx_dirfwd)
+def flow_key_hash(src_hi, src_lo, dst_hi, dst_lo, ports, ifaces, dirfwd):
+    """64-bit hash of a flow key given as seven 64-bit words (multiply-xorshift, splitmix64 finaliser)."""
+    h = _mix(_mix(_mix(_mix(_mix(_mix(_mix(M0, src_hi), src_lo), dst_hi), dst_lo), ports), ifaces), dirfwd)
     h = (h ^ (h >> S30)) * M2
     h = (h ^ (h >> S27)) * M3
     return h ^ (h >> S31)
@@ -133,17 +133,18 @@ def flow_key_hash(src_hi, src_lo, dst_hi, dst_lo, ports, ifx_dirfwd):
 
 @njit(inline="always")
 def packet_key(pk, i):
-    """Packet ``i``'s key as stored in a row: ``(src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, dirfwd)``."""
+    """Packet ``i``'s key as stored in a row: ``(src_hi, src_lo, dst_hi, dst_lo, ports, ifaces, dirfwd)``."""
     ports = (np.uint64(pk[i].sport) | (np.uint64(pk[i].dport) << U16) | (np.uint64(pk[i].icmp) << U32)
              | (np.uint64(pk[i].ip_version) << U48) | (np.uint64(pk[i].proto) << U56))
     dirfwd = np.uint64(pk[i].direction) | (np.uint64(pk[i].fwd_status) << U8)
-    return pk[i].src_hi, pk[i].src_lo, pk[i].dst_hi, pk[i].dst_lo, ports, np.uint64(pk[i].ifindex), dirfwd
+    ifaces = np.uint64(pk[i].ingress_if) | (np.uint64(pk[i].egress_if) << U32)
+    return pk[i].src_hi, pk[i].src_lo, pk[i].dst_hi, pk[i].dst_lo, ports, ifaces, dirfwd
 
 
 @njit(inline="always")
 def packet_hash(pk, i):
-    src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, dirfwd = packet_key(pk, i)
-    return flow_key_hash(src_hi, src_lo, dst_hi, dst_lo, ports, ifindex | (dirfwd << U32))
+    src_hi, src_lo, dst_hi, dst_lo, ports, ifaces, dirfwd = packet_key(pk, i)
+    return flow_key_hash(src_hi, src_lo, dst_hi, dst_lo, ports, ifaces, dirfwd)
 
 
 @njit(inline="always")
@@ -152,7 +153,7 @@ def home_slot(tag, cap):
 
 
 @njit(inline="always")
-def find_flow(slots, rows, h, src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, dirfwd):
+def find_flow(slots, rows, h, src_hi, src_lo, dst_hi, dst_lo, ports, ifaces, dirfwd):
     """``(slot, row)`` of a key; ``row == -1`` if absent, ``slot`` then being where it would go."""
     cap = slots.shape[0]
     tag = h >> U32
@@ -165,7 +166,7 @@ def find_flow(slots, rows, h, src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, di
             r = np.int64(s & LO32) - 1
             if (rows[r].src_lo == src_lo and rows[r].dst_lo == dst_lo and rows[r].ports == ports
                     and rows[r].src_hi == src_hi and rows[r].dst_hi == dst_hi
-                    and np.uint64(rows[r].ifindex) == ifindex and np.uint64(rows[r].dirfwd) == dirfwd):
+                    and rows[r].ifaces == ifaces and np.uint64(rows[r].dirfwd) == dirfwd):
                 return i, r
         i += 1
         if i == cap:
@@ -198,7 +199,7 @@ def remove_flow(slots, rows, times, st, r):
     """Take row ``r`` out of the index and put it on the free list."""
     cap = slots.shape[0]
     h = flow_key_hash(rows[r].src_hi, rows[r].src_lo, rows[r].dst_hi, rows[r].dst_lo, rows[r].ports,
-                      np.uint64(rows[r].ifindex) | (np.uint64(rows[r].dirfwd) << U32))
+                      rows[r].ifaces, np.uint64(rows[r].dirfwd))
     tag = h >> U32
     want = (tag << U32) | np.uint64(r + 1)
     i = home_slot(tag, cap)
@@ -227,7 +228,8 @@ def emit_record(out, n, rows, times, r, reason, st):
     out[n].src_lo = rows[r].src_lo
     out[n].dst_hi = rows[r].dst_hi
     out[n].dst_lo = rows[r].dst_lo
-    out[n].ifindex = rows[r].ifindex
+    out[n].ingress_if = rows[r].ifaces & LO32
+    out[n].egress_if = rows[r].ifaces >> U32
     out[n].sport = p & LO16
     out[n].dport = (p >> U16) & LO16
     out[n].icmp = (p >> U32) & LO16

@@ -13,9 +13,9 @@ The table's storage (row layout, index, record writer) is
 ``workers.expiry``; this module is the packet loop, the flush and the
 ``FlowTable`` that holds the arrays.
 
-Memory: 65 + 16 + 8 / 0.75 = 91.7 octets a flow when full, plus the output buffer
-(one eviction wave plus 1024 records, ~2.6 octets a flow at 1M flows) and a
-16 KiB histogram: ``nbytes / max_flows`` is 94.3 holding 1M flows (tested).
+Memory: 69 + 16 + 8 / 0.75 = 95.7 octets a flow when full, plus the output buffer
+(one eviction wave plus 1024 records, ~2.7 octets a flow at 1M flows) and a
+16 KiB histogram: ``nbytes / max_flows`` is 98.4 holding 1M flows (tested).
 
 The packet loop hides memory latency with software prefetch: 16 packets
 ahead it hashes the key and prefetches the home slot, 8 packets ahead it
@@ -38,8 +38,11 @@ Records
   not in the table waits for the idle timeout. The reverse key swaps
   addresses and ports and flips direction 0 <-> 1 (255, unknown, stays),
   or, when no such flow exists, keeps the direction (both sides of a
-  conversation classified alike, e.g. neither inside LocalNetworks);
-  ip_version, proto, icmp, fwd_status and ifindex are the same.
+  conversation classified alike, e.g. neither inside LocalNetworks), and
+  swaps ingress and egress interface (the reply crosses the same
+  interfaces the other way) or, when no such flow exists, keeps them (a
+  source that knows one side only, e.g. a classic pcap's ingress 1);
+  ip_version, proto, icmp and fwd_status are the same.
 * Full table: a new flow first frees the ``evict_batch`` flows with the
   oldest ``last_ns`` (see Pressure below), END_LACK_OF_RESOURCES.
 * ``flush``: every flow, with its due timer's reason or the given one.
@@ -127,7 +130,7 @@ def update_flow_table(pk, start, end_now, slots, rows, rows_u8, times, st, hist,
                 prefetch(times, rj * 16)
 
         h = ring[i & (_RING - 1)]
-        src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, dirfwd = packet_key(pk, i)
+        src_hi, src_lo, dst_hi, dst_lo, ports, ifaces, dirfwd = packet_key(pk, i)
         # find_flow, written out: as a call it costs reference-count updates of two arrays per packet
         tag = h >> U32
         pos = home_slot(tag, cap)
@@ -140,7 +143,7 @@ def update_flow_table(pk, start, end_now, slots, rows, rows_u8, times, st, hist,
                 c = np.int64(s & LO32) - 1
                 if (rows[c].src_lo == src_lo and rows[c].dst_lo == dst_lo and rows[c].ports == ports
                         and rows[c].src_hi == src_hi and rows[c].dst_hi == dst_hi
-                        and np.uint64(rows[c].ifindex) == ifindex and np.uint64(rows[c].dirfwd) == dirfwd):
+                        and rows[c].ifaces == ifaces and np.uint64(rows[c].dirfwd) == dirfwd):
                     r = c
                     break
             pos += 1
@@ -149,14 +152,14 @@ def update_flow_table(pk, start, end_now, slots, rows, rows_u8, times, st, hist,
         if r >= 0 and due_reason(times[r, FIRST], times[r, LAST], now, st[IDLE], st[INTERVAL]) != 0:
             n, alive = fire_due(slots, rows, times, st, out, n, r, now)
             if not alive:  # ended on its idle timer: this packet starts a new flow
-                pos, r = find_flow(slots, rows, h, src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, dirfwd)
+                pos, r = find_flow(slots, rows, h, src_hi, src_lo, dst_hi, dst_lo, ports, ifaces, dirfwd)
         if r < 0:
             if st[ACTIVE] >= st[MAX_FLOWS]:
                 if out.shape[0] - n < st[EVICT_N] + 2:
                     # Not metered yet: on resume this packet starts over and finds its timers fired.
                     return i, n, OUT_FULL
                 n = evict_oldest(slots, rows, times, st, hist, out, n)
-                pos, r = find_flow(slots, rows, h, src_hi, src_lo, dst_hi, dst_lo, ports, ifindex, dirfwd)
+                pos, r = find_flow(slots, rows, h, src_hi, src_lo, dst_hi, dst_lo, ports, ifaces, dirfwd)
             if st[FREE] >= 0:
                 r = st[FREE]
                 st[FREE] = times[r, FIRST]
@@ -168,7 +171,7 @@ def update_flow_table(pk, start, end_now, slots, rows, rows_u8, times, st, hist,
             rows[r].dst_hi = dst_hi
             rows[r].dst_lo = dst_lo
             rows[r].ports = ports
-            rows[r].ifindex = ifindex
+            rows[r].ifaces = ifaces
             rows[r].dirfwd = dirfwd
             rows[r].packets = 0
             rows[r].bytes = 0
@@ -209,12 +212,20 @@ def update_flow_table(pk, start, end_now, slots, rows, rows_u8, times, st, hist,
                 d = np.uint64(0)
             rports = (ports & HI32) | ((ports & LO16) << U16) | ((ports >> U16) & LO16)
             rdirfwd = (dirfwd & ~LO8) | d
-            rh = flow_key_hash(dst_hi, dst_lo, src_hi, src_lo, rports, ifindex | (rdirfwd << U32))
-            _, rr = find_flow(slots, rows, rh, dst_hi, dst_lo, src_hi, src_lo, rports, ifindex, rdirfwd)
-            if rr < 0 and rdirfwd != dirfwd:
-                # both sides given the same direction (e.g. neither side in LocalNetworks)
-                rh = flow_key_hash(dst_hi, dst_lo, src_hi, src_lo, rports, ifindex | (dirfwd << U32))
-                _, rr = find_flow(slots, rows, rh, dst_hi, dst_lo, src_hi, src_lo, rports, ifindex, dirfwd)
+            rifaces = (ifaces >> U32) | ((ifaces & LO32) << U32)
+            rr = -1
+            # The reverse flow: interfaces swapped, direction flipped; else (both sides given the
+            # same direction, e.g. neither in LocalNetworks; or a source that sees one side only)
+            # the same direction, the same interfaces.
+            for k in range(4):
+                kif = rifaces if k < 2 else ifaces
+                kdf = rdirfwd if k % 2 == 0 else dirfwd
+                if (k % 2 == 1 and rdirfwd == dirfwd) or (k >= 2 and rifaces == ifaces):
+                    continue
+                rh = flow_key_hash(dst_hi, dst_lo, src_hi, src_lo, rports, kif, kdf)
+                _, rr = find_flow(slots, rows, rh, dst_hi, dst_lo, src_hi, src_lo, rports, kif, kdf)
+                if rr >= 0:
+                    break
             if rr >= 0 and rr != r:
                 n, alive = fire_due(slots, rows, times, st, out, n, rr, now)
                 if alive and (end_both or (rows[rr].state & S_FIN) != 0):

@@ -4,7 +4,11 @@ A flow table emits ``FLOW_RECORD_DTYPE`` rows: the flow key, the counters
 of one reporting interval (deltas), its first/last packet times and why it
 ended. ``to_template_batches`` sorts them into the exporter's eight flow
 templates (IPv4/IPv6 x TCP, UDP, ICMP, other) in one kernel pass; the
-result is what a worker sends to the exporter.
+result is what a worker sends to the exporter. Both interfaces are filled
+(ingressInterface, egressInterface; 0 = not known, ``flowmeter.ipc.packets``).
+An ICMP flow whose type is not known (``sport == ICMP_NO_TYPE``) is
+exported in the "other" template of its family, which has no
+icmpTypeCode: claiming type 0 would make it an echo reply.
 """
 from __future__ import annotations
 
@@ -14,14 +18,14 @@ from flowmeter.jit import njit
 
 from exporter.template import FLOW_CLASS, FLOW_CLASSES, FLOW_DTYPES, flow_template_name
 from flowmeter.ipc.counters import END_REASONS
-from flowmeter.ipc.packets import FORWARDED, FWD_FORWARDED_UNKNOWN
+from flowmeter.ipc.packets import FORWARDED, FWD_FORWARDED_UNKNOWN, ICMP_NO_TYPE
 
 FLOW_RECORD_DTYPE = np.dtype([
     ("first_ns", "<u8"), ("last_ns", "<u8"),
     ("packets", "<u8"), ("bytes", "<u8"),
     ("src_hi", "<u8"), ("src_lo", "<u8"),
     ("dst_hi", "<u8"), ("dst_lo", "<u8"),
-    ("ifindex", "<u4"),
+    ("ingress_if", "<u4"), ("egress_if", "<u4"),
     ("sport", "<u2"), ("dport", "<u2"),
     ("icmp", "<u2"),
     ("ip_version", "u1"), ("proto", "u1"),
@@ -51,7 +55,7 @@ def to_template_batches(records: npt.NDArray) -> list[tuple[str, npt.NDArray]]:
     """
     if len(records) == 0:
         return []
-    buf, start = _split(np.ascontiguousarray(records), _CLASS_OF, _ITEMSIZE, _OFFSETS)
+    buf, start = _split(np.ascontiguousarray(records), _CLASS_OF, _ICMP_CLASS, _UNTYPED_CLASS, _ITEMSIZE, _OFFSETS)
     out = []
     for key, name in enumerate(_NAMES):
         a, b = int(start[key]), int(start[key + 1])
@@ -66,6 +70,10 @@ _CLASS_OF = np.empty((2, 256), np.uint8)  # [IPv6?, protocol] -> index in _NAMES
 for _row, _family in enumerate((4, 6)):
     for _proto in range(256):
         _CLASS_OF[_row, _proto] = _NAMES.index(flow_template_name(_family, FLOW_CLASS[_family].get(_proto, "other")))
+# An ICMP flow whose type is unknown (sport ICMP_NO_TYPE: later fragments whose first was not
+# seen, flowmeter.capture.decode) goes to its family's "other" template: no icmpTypeCode at all.
+_ICMP_CLASS = np.array([_NAMES.index(flow_template_name(f, "icmp")) for f in (4, 6)], np.uint8)
+_UNTYPED_CLASS = np.array([_NAMES.index(flow_template_name(f, "other")) for f in (4, 6)], np.uint8)
 _ITEMSIZE = np.array([FLOW_DTYPES[n].itemsize for n in _NAMES], np.int64)
 
 # Where each source value goes in a template's host-order record: octet offset, -1 if absent.
@@ -75,9 +83,9 @@ _SOURCES = (("flowStartMilliseconds", 8), ("flowEndMilliseconds", 8), ("octetDel
             ("sourceIPv6Address", 16), ("destinationIPv6Address", 16), ("sourceTransportPort", 2),
             ("destinationTransportPort", 2), ("tcpControlBits", 1), ("icmpTypeCode", 2),
             ("protocolIdentifier", 1), ("ipClassOfService", 1), ("flowDirection", 1), ("flowEndReason", 1),
-            ("forwardingStatus", 1), ("ingressInterface", 4))
+            ("forwardingStatus", 1), ("ingressInterface", 4), ("egressInterface", 4))
 (_START, _END, _OCTETS, _PACKETS, _SRC4, _DST4, _SRC6, _DST6, _SPORT, _DPORT, _FLAGS, _ICMP, _PROTO, _TOS, _DIR,
- _REASON, _FWD, _IFINDEX) = range(len(_SOURCES))
+ _REASON, _FWD, _INGRESS, _EGRESS) = range(len(_SOURCES))
 
 
 def _offsets() -> npt.NDArray[np.int64]:
@@ -113,13 +121,16 @@ def _put_v6(out, at, hi, lo):
 
 
 @njit
-def _split(records, class_of, itemsize, offsets):
+def _split(records, class_of, icmp_class, untyped_class, itemsize, offsets):
     """The template records of ``records`` in one buffer: ``(octets, run start per template + end)``."""
     n = records.shape[0]
     klass = np.empty(n, np.uint8)
     counts = np.zeros(itemsize.shape[0], np.int64)
     for j in range(n):
-        c = class_of[1 if records[j].ip_version == 6 else 0, records[j].proto]
+        v6 = 1 if records[j].ip_version == 6 else 0
+        c = class_of[v6, records[j].proto]
+        if c == icmp_class[v6] and records[j].sport == ICMP_NO_TYPE:
+            c = untyped_class[v6]
         klass[j] = c
         counts[c] += 1
     start = np.zeros(itemsize.shape[0] + 1, np.int64)
@@ -155,5 +166,6 @@ def _split(records, class_of, itemsize, offsets):
         out[at + o[_DIR]] = r.direction
         out[at + o[_REASON]] = r.end_reason
         out[at + o[_FWD]] = r.fwd_status if r.fwd_status != FORWARDED else FWD_FORWARDED_UNKNOWN
-        _put(out, at + o[_IFINDEX], 4, np.uint64(r.ifindex))
+        _put(out, at + o[_INGRESS], 4, np.uint64(r.ingress_if))
+        _put(out, at + o[_EGRESS], 4, np.uint64(r.egress_if))
     return out, start

@@ -49,12 +49,20 @@ What is metered is the OUTERMOST IP header (the rules of
   only in a first fragment, only within the captured octets *and* the IP
   length: ports of TCP, UDP, DCCP, UDP-Lite (first 4 octets), SCTP (12-octet
   common header); TCP flags (octet 13); ICMP (v4) / ICMPv6 (v6) type * 256 + code.
+  A non-first fragment of an ICMP datagram takes the type/code of its first
+  fragment if that was seen, else it is marked ``sport = ICMP_NO_TYPE`` and
+  exported without any (see "ICMP fragments" below).
   Tunnels are the outer flow: nothing inside is parsed.
 
 Direction: the record's (pcapng packet flags) if known, else SLL/SLL2 packet
 type (0-3 received -> ingress, 4 outgoing -> egress), else NFLOG hook
 (PREROUTING/INPUT ingress, OUTPUT/POSTROUTING egress), else DIR_UNKNOWN.
-Interface: SLL2 / NFLOG ifindex if given, else the record's (pcapng).
+Interfaces (``ingress_if``, ``egress_if``; ``flowmeter.ipc.packets`` has the
+rules per source): NFLOG's in- and out-device as they are; else an SLL2
+ifindex on the side its packet type says (4 outgoing: egress, else ingress);
+else the record's interface (``RecordBatch.ifindex``: pcapng interface,
+classic pcap 1, the AF_PACKET interface, the feed's peer) on the side of
+the direction above, ingress when that is unknown.
 
 For NFLOG records the log prefix (offset and length in ``batch.buf``) and the
 hook are returned next to the rows; ``nflog_prefixes()`` groups the rows by
@@ -65,9 +73,11 @@ Where we differ from Wireshark on purpose (each case is pinned in
 ``tests/capture/test_decode.py``): a snap length that cuts the IP
 addresses is ST_TRUNCATED (Wireshark keys a flow without destination);
 ICMP type/code come from the first two octets (Wireshark wants the whole
-8-octet header) and are 0 in later fragments; malformed options inside an
-extension header do not hide the ports behind it; big-endian NFLOG TLVs are
-recognised; an NFLOG payload cut by the pcap snap length is still decoded.
+8-octet header), and a later fragment of an ICMP datagram gets its first
+fragment's (Wireshark shows none: without reassembly it sees no ICMP header
+there); malformed options inside an extension header do not hide the ports
+behind it; big-endian NFLOG TLVs are recognised; an NFLOG payload cut by
+the pcap snap length is still decoded.
 
 Why one file of over 600 lines: it is one kernel, ``decode_records``, and
 the small per-layer kernels it inlines; the walk from link header to
@@ -82,8 +92,8 @@ import numpy as np
 import numpy.typing as npt
 
 from flowmeter.capture.sources import RecordBatch
-from flowmeter.ipc.packets import (DIR_EGRESS, DIR_INGRESS, DIR_UNKNOWN, PACKET_DTYPE, ST_MALFORMED, ST_NOT_IP, ST_OK,
-                                   ST_TRUNCATED, ST_UNSUPPORTED_LINK)
+from flowmeter.ipc.packets import (DIR_EGRESS, DIR_INGRESS, DIR_UNKNOWN, ICMP_NO_TYPE, PACKET_DTYPE, ST_MALFORMED,
+                                   ST_NOT_IP, ST_OK, ST_TRUNCATED, ST_UNSUPPORTED_LINK)
 from flowmeter.jit import njit
 
 # Link types (pcap-linktype(7))
@@ -258,10 +268,10 @@ def nflog_big_endian(buf, q, end, reported_end):
 @njit
 def nflog_network(buf, p, end, reported_end):
     """NFLOG: walk the TLVs. Returns (kind, payload start, payload end (captured),
-    payload length (reported), direction, ifindex, prefix offset, prefix
-    length or NO_PREFIX, hook or NO_HOOK). The last PAYLOAD / PREFIX wins."""
+    payload length (reported), direction, in-device, out-device, prefix offset,
+    prefix length or NO_PREFIX, hook or NO_HOOK). The last PAYLOAD / PREFIX wins."""
     if end - p < 4:
-        return NET_TRUNCATED, p, p, 0, DIR_UNKNOWN, 0, 0, NO_PREFIX, NO_HOOK
+        return NET_TRUNCATED, p, p, 0, DIR_UNKNOWN, 0, 0, 0, NO_PREFIX, NO_HOOK
     family = u8(buf, p)
     q = p + 4
     big = nflog_big_endian(buf, q, end, reported_end)
@@ -293,10 +303,9 @@ def nflog_network(buf, p, end, reported_end):
         direction = DIR_INGRESS
     elif hook == 3 or hook == 4:
         direction = DIR_EGRESS
-    ifindex = indev if indev != 0 else outdev
     if payload < 0:
         kind = NET_TRUNCATED if end - q > 0 else NET_NOT_IP
-        return kind, p, p, 0, direction, ifindex, prefix, prefix_len, hook
+        return kind, p, p, 0, direction, indev, outdev, prefix, prefix_len, hook
     if hw_protocol != 0:  # Wireshark: the hardware protocol, if given, else the family
         kind = ethertype_kind(hw_protocol)
     elif family == 2:
@@ -305,7 +314,8 @@ def nflog_network(buf, p, end, reported_end):
         kind = NET_IPV6
     else:
         kind = NET_NOT_IP
-    return kind, payload, min(payload + payload_len, end), payload_len, direction, ifindex, prefix, prefix_len, hook
+    return (kind, payload, min(payload + payload_len, end), payload_len, direction, indev, outdev, prefix,
+            prefix_len, hook)
 
 
 # --- IP ----------------------------------------------------------------------------
@@ -314,22 +324,25 @@ def nflog_network(buf, p, end, reported_end):
 @njit(inline="always")
 def ipv4_header(buf, p, end, reported_len):
     """IPv4 at ``buf[p:end]``: (status, src, dst, l3_bytes, tos, proto,
-    transport start, end of IP data (captured), first fragment)."""
+    transport start, end of IP data (captured), first fragment, fragment id:
+    the identification of a fragment (offset or more-fragments set), else -1)."""
     if end - p < 1:
-        return ST_TRUNCATED, 0, 0, 0, 0, 0, p, p, False
+        return ST_TRUNCATED, 0, 0, 0, 0, 0, p, p, False, -1
     hlen = (u8(buf, p) & 0xF) * 4
     if u8(buf, p) >> 4 != 4 or hlen < 20:
-        return ST_MALFORMED, 0, 0, 0, 0, 0, p, p, False
+        return ST_MALFORMED, 0, 0, 0, 0, 0, p, p, False, -1
     if end - p < hlen:
-        return ST_TRUNCATED, 0, 0, 0, 0, 0, p, p, False
+        return ST_TRUNCATED, 0, 0, 0, 0, 0, p, p, False, -1
     total = be16(buf, p + 2)
     if total == 0:  # TCP segmentation offload: the length is the frame's
         total = reported_len
     if total < hlen:
-        return ST_MALFORMED, 0, 0, 0, 0, 0, p, p, False
-    first_fragment = (be16(buf, p + 6) & 0x1FFF) == 0
+        return ST_MALFORMED, 0, 0, 0, 0, 0, p, p, False, -1
+    flags_offset = be16(buf, p + 6)
+    first_fragment = (flags_offset & 0x1FFF) == 0
+    frag_id = be16(buf, p + 4) if (flags_offset & 0x3FFF) != 0 else -1
     return (ST_OK, be32(buf, p + 12), be32(buf, p + 16), total, u8(buf, p + 1),
-            u8(buf, p + 9), p + hlen, min(end, p + total), first_fragment)
+            u8(buf, p + 9), p + hlen, min(end, p + total), first_fragment, frag_id)
 
 
 @njit
@@ -381,14 +394,17 @@ def walk_extension_headers(buf, q, end, nh):
     """Walk IPv6 extension headers (and AH) from ``q`` with next header ``nh``.
 
     Returns (protocol, transport next header, transport start, first
-    fragment). The protocol is the last next-header value read, frozen at
-    AH (51); a header counts once its first two octets (the whole 8 for a
-    fragment header) are within ``end``, as Wireshark's. Each header is at
-    least 8 octets, so the walk ends.
+    fragment, fragment id: the identification of the last fragment header
+    whose offset or M flag is set, else -1). The protocol is the last
+    next-header value read, frozen at AH (51); a header counts once its
+    first two octets (the whole 8 for a fragment header) are within
+    ``end``, as Wireshark's. Each header is at least 8 octets, so the walk
+    ends.
     """
     proto = nh
     frozen = False
     first_fragment = True
+    frag_id = -1
     while True:
         if nh == 0 or nh == 43 or nh == 60:
             if end - q < 2:
@@ -399,6 +415,8 @@ def walk_extension_headers(buf, q, end, nh):
                 break
             if be16(buf, q + 2) >> 3 != 0:
                 first_fragment = False
+            if (be16(buf, q + 2) & 0xFFF9) != 0:  # offset or M (not an atomic fragment)
+                frag_id = be32(buf, q + 4)
             length = 8
         elif nh == 51:  # AH: the protocol stays 51, the ports are behind it
             if end - q < 2:
@@ -411,7 +429,7 @@ def walk_extension_headers(buf, q, end, nh):
         if not frozen:
             proto = nh
         q += length
-    return proto, nh, q, first_fragment
+    return proto, nh, q, first_fragment, frag_id
 
 
 @njit(inline="always")
@@ -432,13 +450,88 @@ def transport_fields(buf, q, end, nh, icmp_proto):
     return 0, 0, 0, 0
 
 
+# --- ICMP fragments ----------------------------------------------------------------
+#
+# A non-first fragment carries no ICMP header, so its type and code are not in it.
+# Exporting them as 0 would be a lie a collector cannot see through: type 0 code 0 is
+# an echo reply (nfdump shows "0.0"). Instead the decoder remembers the type/code of
+# each fragmented ICMP datagram whose first fragment it saw, by (source, destination,
+# protocol, identification) as the receiver's reassembly does (RFC 791, RFC 8200),
+# and gives them to the datagram's later fragments, which thus count in the same flow
+# as the first. A later fragment whose first was not seen (lost, reordered, too old,
+# forgotten) gets sport = ICMP_NO_TYPE: its own flow, exported in the "other"
+# template, which has no icmpTypeCode element at all (a record that claims no type
+# rather than a wrong one). An entry counts for the reassembly timeout of its family
+# (Linux: ipfrag_time 30 s, ip6frag_time 60 s): after that the identification may
+# be reused by another datagram.
+
+FRAG_SLOTS = 4096  # datagrams remembered: a direct-mapped table, a newer datagram replaces an older
+FRAG_LIFETIME_V4_NS = 30 * 1_000_000_000
+FRAG_LIFETIME_V6_NS = 60 * 1_000_000_000
+_FRAG_KNOWN = np.uint64(1 << 16)  # frag_values[:, 1]: type*256 + code | this bit (0: empty slot)
+_FRAG_M = np.uint64(0x9E3779B97F4A7C15)
+
+
+@njit(inline="always")
+def _frag_slot(frag_keys, s_hi, s_lo, d_hi, d_lo, tag):
+    h = np.uint64(0)
+    for w in (s_hi, s_lo, d_hi, d_lo, tag):
+        h = (h ^ w) * _FRAG_M
+        h ^= h >> np.uint64(29)
+    return np.int64(h & np.uint64(frag_keys.shape[0] - 1))
+
+
+@njit(inline="always")
+def remember_icmp(frag_keys, frag_values, s_hi, s_lo, d_hi, d_lo, tag, icmp, ts):
+    """Keep the ICMP type*256+code of the datagram whose first fragment this is."""
+    k = _frag_slot(frag_keys, s_hi, s_lo, d_hi, d_lo, tag)
+    frag_keys[k, 0] = s_hi
+    frag_keys[k, 1] = s_lo
+    frag_keys[k, 2] = d_hi
+    frag_keys[k, 3] = d_lo
+    frag_keys[k, 4] = tag
+    frag_values[k, 0] = ts
+    frag_values[k, 1] = np.uint64(icmp) | _FRAG_KNOWN
+
+
+@njit(inline="always")
+def recall_icmp(frag_keys, frag_values, s_hi, s_lo, d_hi, d_lo, tag, ts, lifetime):
+    """The type*256+code of this fragment's datagram, or -1 if its first fragment is not remembered
+    (never seen, or more than ``lifetime`` ns away in time)."""
+    k = _frag_slot(frag_keys, s_hi, s_lo, d_hi, d_lo, tag)
+    v = frag_values[k, 1]
+    if (v & _FRAG_KNOWN) == 0 or frag_keys[k, 4] != tag or frag_keys[k, 1] != s_lo or frag_keys[k, 3] != d_lo \
+            or frag_keys[k, 0] != s_hi or frag_keys[k, 2] != d_hi:
+        return -1
+    seen = frag_values[k, 0]
+    if (ts - seen if ts >= seen else seen - ts) > np.uint64(lifetime):
+        return -1
+    return np.int64(v & np.uint64(0xFFFF))
+
+
+class FragmentMemory:
+    """The ICMP datagrams whose first fragment a decoder saw (see "ICMP fragments" above).
+
+    One per stream of records decoded in order (a capture process, a feed):
+    ``decode_batch`` reads and updates it, so a datagram's fragments are
+    matched across batches.
+    """
+
+    def __init__(self, slots: int = FRAG_SLOTS) -> None:
+        if slots < 1 or slots & (slots - 1):
+            raise ValueError(f"slots: {slots} is not a power of two")
+        self.keys = np.zeros((slots, 5), np.uint64)
+        self.values = np.zeros((slots, 2), np.uint64)
+
+
 # --- the record loop ---------------------------------------------------------------
 
 
 @njit(inline="always")
 def link_network(buf, p, end, reported_end, linktype):
     """Dispatch on the link type: (kind, network start, captured end, reported
-    length from the start, direction, ifindex, prefix offset, prefix length, hook)."""
+    length from the start, direction, ingress, egress interface the link
+    header gives (0, 0: none), prefix offset, prefix length, hook)."""
     direction, ifindex = DIR_UNKNOWN, 0
     if linktype == LINKTYPE_ETHERNET:
         kind, start = ethernet_network(buf, p, end)
@@ -458,17 +551,20 @@ def link_network(buf, p, end, reported_end, linktype):
         return nflog_network(buf, p, end, reported_end)
     else:
         kind, start = NET_UNSUPPORTED, p
-    return kind, start, end, reported_end - start, direction, ifindex, 0, NO_PREFIX, NO_HOOK
+    if direction == DIR_EGRESS:  # SLL2: its ifindex on the side its packet type says
+        return kind, start, end, reported_end - start, direction, 0, ifindex, 0, NO_PREFIX, NO_HOOK
+    return kind, start, end, reported_end - start, direction, ifindex, 0, 0, NO_PREFIX, NO_HOOK
 
 
 @njit
-def decode_records(buf, offset, caplen, origlen, linktype, rec_ifindex, rec_direction, rec_ts,
-                   ts_ns, src_hi, src_lo, dst_hi, dst_lo, l3_bytes, ifindex, sport, dport, icmp,
+def decode_records(buf, offset, caplen, origlen, linktype, rec_ifindex, rec_direction, rec_ts, frag_keys, frag_values,
+                   ts_ns, src_hi, src_lo, dst_hi, dst_lo, l3_bytes, ingress_if, egress_if, sport, dport, icmp,
                    ip_version, proto, tcp_flags, tos, direction, fwd_status,
                    status, prefix_offset, prefix_length, hook):
     """Fill one packet row (the column arrays) and one status per record.
 
-    Rows whose status is not ST_OK carry only time, interface and direction.
+    Rows whose status is not ST_OK carry only time, interfaces and direction.
+    ``frag_keys``/``frag_values`` are a ``FragmentMemory``'s arrays.
     Per-record Python (even with numpy per field) costs a microsecond or
     more per packet; this loop takes 30-90 ns (hot / cold cache). The layer
     functions are inlined (``inline="always"``) because a numba call that
@@ -482,11 +578,13 @@ def decode_records(buf, offset, caplen, origlen, linktype, rec_ifindex, rec_dire
         p = min(np.int64(offset[i]), size)
         end = min(p + np.int64(caplen[i]), size)
         reported_end = p + max(np.int64(origlen[i]), np.int64(caplen[i]))
-        kind, net, net_end, net_reported, link_dir, link_if, pfx, pfx_len, nf_hook = link_network(
+        kind, net, net_end, net_reported, link_dir, link_in, link_out, pfx, pfx_len, nf_hook = link_network(
             buf, p, end, reported_end, np.int64(linktype[i]))
         st = ST_OK
         s_hi = s_lo = d_hi = d_lo = np.uint64(0)
         length = t_os = prot = version = sp = dp = ic = flags = 0
+        frag_id = -1  # identification of a fragment, else -1
+        icmp_read = False  # the ICMP type/code octets were captured (a first fragment)
         if kind == NET_UNSUPPORTED:
             st = ST_UNSUPPORTED_LINK
         elif kind == NET_TRUNCATED:
@@ -501,32 +599,52 @@ def decode_records(buf, offset, caplen, origlen, linktype, rec_ifindex, rec_dire
                 if kind != 4 and kind != 6:
                     st = ST_MALFORMED
             if kind == NET_IPV4:
-                st, src4, dst4, length, t_os, prot, q, ip_end, first = ipv4_header(
+                st, src4, dst4, length, t_os, prot, q, ip_end, first, frag_id = ipv4_header(
                     buf, net, net_end, net_reported)
                 s_lo, d_lo = np.uint64(src4), np.uint64(dst4)
                 version = 4
                 nh = prot
                 if st == ST_OK and prot == 51:
-                    prot, nh, q, first = walk_extension_headers(buf, q, ip_end, prot)
+                    prot, nh, q, first, _ = walk_extension_headers(buf, q, ip_end, prot)
                 if st == ST_OK and first:
                     sp, dp, ic, flags = transport_fields(buf, q, ip_end, nh, 1 if prot == 1 else -1)
+                    icmp_read = ip_end - q >= 2
             elif kind == NET_IPV6:
                 st, s_hi, s_lo, d_hi, d_lo, length, t_os, nh, ip_end = ipv6_header(buf, net, net_end)
                 version = 6
                 if st == ST_OK:
-                    prot, nh, q, first = walk_extension_headers(buf, net + 40, ip_end, nh)
+                    prot, nh, q, first, frag_id = walk_extension_headers(buf, net + 40, ip_end, nh)
                     if first:
                         sp, dp, ic, flags = transport_fields(buf, q, ip_end, nh, 58 if prot == 58 else -1)
+                        icmp_read = ip_end - q >= 2
         if st != ST_OK:
             s_hi = s_lo = d_hi = d_lo = np.uint64(0)
             length = t_os = prot = version = sp = dp = ic = flags = 0
+        elif frag_id >= 0 and prot == (1 if version == 4 else 58):  # a fragment of an ICMP datagram
+            tag = (np.uint64(version) << np.uint64(40)) | (np.uint64(prot) << np.uint64(32)) | np.uint64(frag_id)
+            if icmp_read:
+                remember_icmp(frag_keys, frag_values, s_hi, s_lo, d_hi, d_lo, tag, ic, rec_ts[i])
+            else:  # a non-first fragment (or a first one cut before the type)
+                ic = recall_icmp(frag_keys, frag_values, s_hi, s_lo, d_hi, d_lo, tag, rec_ts[i],
+                                 FRAG_LIFETIME_V4_NS if version == 4 else FRAG_LIFETIME_V6_NS)
+                if ic < 0:
+                    sp, ic = ICMP_NO_TYPE, 0
         ts_ns[i] = rec_ts[i]
         src_hi[i] = s_hi
         src_lo[i] = s_lo
         dst_hi[i] = d_hi
         dst_lo[i] = d_lo
         l3_bytes[i] = length
-        ifindex[i] = link_if if link_if != 0 else rec_ifindex[i]
+        d = rec_direction[i] if rec_direction[i] != DIR_UNKNOWN else link_dir
+        if link_in != 0 or link_out != 0:  # SLL2, NFLOG
+            ingress_if[i] = link_in
+            egress_if[i] = link_out
+        elif d == DIR_EGRESS:  # the record's interface, on the side its direction says
+            ingress_if[i] = 0
+            egress_if[i] = rec_ifindex[i]
+        else:
+            ingress_if[i] = rec_ifindex[i]
+            egress_if[i] = 0
         sport[i] = sp
         dport[i] = dp
         icmp[i] = ic
@@ -534,7 +652,7 @@ def decode_records(buf, offset, caplen, origlen, linktype, rec_ifindex, rec_dire
         proto[i] = prot
         tcp_flags[i] = flags
         tos[i] = t_os
-        direction[i] = rec_direction[i] if rec_direction[i] != DIR_UNKNOWN else link_dir
+        direction[i] = d
         fwd_status[i] = 0
         status[i] = st
         prefix_offset[i] = pfx
@@ -565,8 +683,14 @@ class DecodeInfo:
         return int(self.status_counts[ST_OK])
 
 
-def decode_batch(batch: RecordBatch, out: npt.NDArray, status: npt.NDArray[np.uint8]) -> DecodeInfo:
-    """Decode every record of ``batch`` into ``out[:n]`` (PACKET_DTYPE) and ``status[:n]`` (uint8)."""
+def decode_batch(batch: RecordBatch, out: npt.NDArray, status: npt.NDArray[np.uint8],
+                 fragments: FragmentMemory | None = None) -> DecodeInfo:
+    """Decode every record of ``batch`` into ``out[:n]`` (PACKET_DTYPE) and ``status[:n]`` (uint8).
+
+    ``fragments``: the memory of ICMP first fragments of the stream this batch
+    belongs to; without one, a datagram's fragments are matched within this
+    batch only.
+    """
     n = len(batch)
     if out.dtype != PACKET_DTYPE:
         raise TypeError(f"out must have PACKET_DTYPE, not {out.dtype}")
@@ -576,10 +700,12 @@ def decode_batch(batch: RecordBatch, out: npt.NDArray, status: npt.NDArray[np.ui
     prefix_offset = np.empty(n, np.uint64)
     prefix_length = np.empty(n, np.int16)
     hook = np.empty(n, np.uint8)
+    if fragments is None:
+        fragments = FragmentMemory(64)
     decode_records(batch.buf, batch.offset, batch.caplen, batch.origlen, batch.linktype, batch.ifindex,
-                   batch.direction, batch.ts_ns,
+                   batch.direction, batch.ts_ns, fragments.keys, fragments.values,
                    rows["ts_ns"], rows["src_hi"], rows["src_lo"], rows["dst_hi"], rows["dst_lo"],
-                   rows["l3_bytes"], rows["ifindex"], rows["sport"], rows["dport"], rows["icmp"],
+                   rows["l3_bytes"], rows["ingress_if"], rows["egress_if"], rows["sport"], rows["dport"], rows["icmp"],
                    rows["ip_version"], rows["proto"], rows["tcp_flags"], rows["tos"], rows["direction"],
                    rows["fwd_status"], status[:n],
                    prefix_offset, prefix_length, hook)

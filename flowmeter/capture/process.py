@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import zmq
 
-from flowmeter.capture.decode import decode_batch, nflog_prefixes
+from flowmeter.capture.decode import FragmentMemory, decode_batch, nflog_prefixes
 from flowmeter.capture.direction import DirectionPolicy
 from flowmeter.capture.shard import Router
 from flowmeter.capture.sources import Source
@@ -107,6 +107,7 @@ class Capture:
         self.counters = CaptureCounters()
         self._rows = np.empty(BATCH_PACKETS, dtype=PACKET_DTYPE)
         self._status = np.empty(BATCH_PACKETS, dtype=np.uint8)
+        self._fragments = FragmentMemory()  # ICMP first fragments seen, for their later fragments
         self._exclude = np.array(settings.exclude, dtype=np.uint64).reshape(-1, 4)
         self.errors: list[str] = []
 
@@ -167,7 +168,7 @@ class Capture:
             # One worker: decode straight into its slot; routing then only compacts the rows in place.
             self.ring.wait_free(self.batches, self._stop, self._at_once, self._beat)
             rows = self.ring.slot(self.batches)[0, :n]
-        info = decode_batch(batch, rows, status)
+        info = decode_batch(batch, rows, status, self._fragments)
         self.counters.frames += n
         for code, name in STATUS_NAMES.items():
             if code != ST_OK:
@@ -177,6 +178,7 @@ class Capture:
                 code = self.policy.drop_status(prefix)
                 if code:
                     rows["fwd_status"][index] = code
+                    rows["egress_if"][index] = 0  # dropped: it never left (NFLOG still names the out-device)
         self.meter_rows(rows, status)
 
     def meter_rows(self, rows, status) -> None:

@@ -67,7 +67,7 @@ def split_by_worker(packets: npt.NDArray, workers: int) -> list[npt.NDArray]:
 # One pass settles each decoded row (direction from LocalNetworks, the Direction
 # setting) and picks its worker with the hash above; a second scatters the kept
 # rows into each worker's array, order kept. numpy needed a boolean
-# copy, an argsort and a fancy-indexed gather of the 60-octet rows for the same
+# copy, an argsort and a fancy-indexed gather of the 64-octet rows for the same
 # work: measured on 5M packets, 1.4 s against about 0.1 s here.
 
 SKIP = 255  # owner of a row that is not sent (not an IP packet, or the other direction)

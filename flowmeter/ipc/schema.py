@@ -25,7 +25,10 @@ error       child->supervisor  sender, role, message, pid                 none
 ==========  =================  ==========================================  =====================
 
 * ``v`` is the schema version (``VERSION``); a receiver drops (and counts)
-  any other version: a new field is a new version.
+  any other version: a new field is a new version. Version 5 changed the
+  ``PACKET_DTYPE`` row (ring slots and payload frames alike): ``ifindex``
+  became ``ingress_if`` and ``egress_if`` (60 to 64 octets), and the flow
+  templates' records gained egressInterface.
 * ``sender`` names the producer (e.g. ``"worker-2"``); ``seq`` numbers its
   messages from 0, so a receiver can count gaps.
 * ``template`` is the name of a template in ``exporter.template``
@@ -60,7 +63,7 @@ import numpy.typing as npt
 
 from flowmeter.ipc.counters import BY_ROLE, CountersError, RoleCounters, from_wire, to_wire
 
-VERSION = 4
+VERSION = 5  # 5: packet rows carry ingress_if and egress_if (64 octets, was ifindex: 60)
 KIND_RECORDS = "records"
 KIND_EOS = "eos"
 KIND_PACKETS = "packets"

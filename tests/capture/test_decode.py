@@ -28,10 +28,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flowmeter.capture.decode import KNOWN_STATUSES, NO_HOOK, SUPPORTED_LINKTYPES, decode_batch, nflog_prefixes, warm_up
+from flowmeter.capture.decode import (KNOWN_STATUSES, NO_HOOK, SUPPORTED_LINKTYPES, FragmentMemory, decode_batch,
+                                      nflog_prefixes, warm_up)
 from flowmeter.capture.sources.pcapfile import RecordBatch, open_capture
-from flowmeter.ipc.packets import (DIR_EGRESS, DIR_INGRESS, DIR_UNKNOWN, PACKET_DTYPE, ST_MALFORMED, ST_NOT_IP, ST_OK,
-                                   ST_TRUNCATED, ST_UNSUPPORTED_LINK)
+from flowmeter.ipc.packets import (DIR_EGRESS, DIR_INGRESS, DIR_UNKNOWN, ICMP_NO_TYPE, PACKET_DTYPE, ST_MALFORMED,
+                                   ST_NOT_IP, ST_OK, ST_TRUNCATED, ST_UNSUPPORTED_LINK)
 from tests.support.pcapwrite import (ETH_IPV4, ETH_IPV6, ethernet, ethernet_ipv4_tcp, ethernet_ipv4_udp,
                                      ethernet_ipv6_udp, icmp, ipv4, ipv6, ipv6_ext, ipv6_fragment, jumbo_option, nflog,
                                      nflog_tlv, null_header, sll, sll2, tcp, udp)
@@ -190,17 +191,25 @@ def test_truth_frames_counted_non_ip_are_never_ok():
 def test_shared_directions_interfaces_and_nflog_details():
     rows, statuses, batches, infos = decode_capture(SHARED / "tcpdump__nflog.pcap")
     assert set(rows["direction"].tolist()) == {DIR_INGRESS}  # hook 1, INPUT
-    assert set(rows["ifindex"].tolist()) == {2}  # NFULA_IFINDEX_INDEV
+    assert set(rows["ingress_if"].tolist()) == {2}  # NFULA_IFINDEX_INDEV
+    assert set(rows["egress_if"].tolist()) == {0}  # INPUT: no out-device
     groups = nflog_prefixes(batches[0], infos[0])
     assert list(groups) == [b""] and groups[b""].tolist() == [0, 1, 2, 3]
     assert infos[0].nflog_hook.tolist() == [1, 1, 1, 1]
     rows, _, _, _ = decode_capture(SHARED / "dnscap__sll2.pcap")
-    assert rows["ifindex"].tolist() == [10, 10]  # tshark: sll.ifindex 10, sll.pkttype 4 then 0
+    # tshark: sll.ifindex 10, sll.pkttype 4 (outgoing) then 0 (to us)
+    assert rows[["ingress_if", "egress_if"]].tolist() == [(0, 10), (10, 0)]
     assert rows["direction"].tolist() == [DIR_EGRESS, DIR_INGRESS]
     rows, _, _, _ = decode_capture(SHARED / "nfstream__mpeg.pcap")
     client = rows["src_lo"] == int(ipaddress.IPv4Address("192.168.80.160"))
     assert set(rows["direction"][client].tolist()) == {DIR_EGRESS}  # EPB flags: outbound
     assert set(rows["direction"][~client].tolist()) == {DIR_INGRESS}
+    assert set(rows[["ingress_if", "egress_if"]][client].tolist()) == {(0, 1)}  # interface ID 0, left on it
+    assert set(rows[["ingress_if", "egress_if"]][~client].tolist()) == {(1, 0)}
+    rows, _, _, _ = decode_capture(SHARED / "pcapplusplus__ipv6.pcapng")  # no packet flags: received
+    assert set(rows[["ingress_if", "egress_if"]].tolist()) == {(1, 0)}
+    rows, _, _, _ = decode_capture(SHARED / "dnscap__vlan11.pcap")  # classic pcap: the file's one interface
+    assert set(rows[["ingress_if", "egress_if"]].tolist()) == {(1, 0)}
     rows, _, _, _ = decode_capture(SHARED / "tcpdump__tcp-handshake-nano.pcap")
     assert rows["tcp_flags"].tolist() == [0x02, 0x12, 0x10]
 
@@ -437,8 +446,8 @@ def test_ethernet_ipv4_tcp_row_values():
         0, 0x0A010203, 0, 0xC00002C8)
     assert (row["l3_bytes"], row["sport"], row["dport"], row["proto"], row["tcp_flags"], row["tos"]) == (
         45, 40000, 443, 6, 0x18, 0x2E)
-    assert (row["ip_version"], row["icmp"], row["ifindex"], row["direction"], row["fwd_status"]) == (
-        4, 0, 4, DIR_EGRESS, 0)
+    assert (row["ip_version"], row["icmp"], row["direction"], row["fwd_status"]) == (4, 0, DIR_EGRESS, 0)
+    assert (row["ingress_if"], row["egress_if"]) == (0, 4)  # the record's interface, on the side it left
     assert int(row["ts_ns"]) == T0
 
 
@@ -455,18 +464,23 @@ def test_ipv6_addresses_traffic_class_and_ports():
                                                 (3, DIR_INGRESS), (4, DIR_EGRESS), (5, DIR_UNKNOWN)])
 def test_sll_packet_type_gives_direction(pkttype, direction):
     packet = ipv4("10.0.0.1", "10.0.0.2", 17, udp(1, 2))
-    row, status = decode_one(sll(packet, ETH_IPV4, pkttype), 113)
-    assert status == ST_OK and row["direction"] == direction and row["ifindex"] == 0
-    row, status = decode_one(sll2(packet, ETH_IPV4, pkttype, ifindex=9), 276, ifindex=2)
-    assert status == ST_OK and row["direction"] == direction and row["ifindex"] == 9
+    side = (0, 9) if direction == DIR_EGRESS else (9, 0)  # unknown packet type: received
+    row, status = decode_one(sll(packet, ETH_IPV4, pkttype), 113, ifindex=9)  # SLL: the record's interface
+    assert status == ST_OK and row["direction"] == direction and (row["ingress_if"], row["egress_if"]) == side
+    row, status = decode_one(sll2(packet, ETH_IPV4, pkttype, ifindex=9), 276, ifindex=2)  # SLL2: its own
+    assert status == ST_OK and row["direction"] == direction and (row["ingress_if"], row["egress_if"]) == side
 
 
 def test_record_direction_and_interface_win_unless_the_link_layer_knows_better():
     packet = ipv4("10.0.0.1", "10.0.0.2", 17, udp(1, 2))
     row, _ = decode_one(sll(packet, ETH_IPV4, 4), 113, direction=DIR_INGRESS, ifindex=3)
-    assert (row["direction"], row["ifindex"]) == (DIR_INGRESS, 3)  # pcapng flags beat SLL; SLL has no ifindex
+    # pcapng flags beat SLL; SLL has no ifindex
+    assert (row["direction"], row["ingress_if"], row["egress_if"]) == (DIR_INGRESS, 3, 0)
     row, _ = decode_one(sll2(packet, ETH_IPV4, 4, ifindex=0), 276, ifindex=3)
-    assert (row["direction"], row["ifindex"]) == (DIR_EGRESS, 3)  # SLL2 ifindex 0: unknown
+    assert (row["direction"], row["ingress_if"], row["egress_if"]) == (DIR_EGRESS, 0, 3)  # SLL2 ifindex 0: unknown
+    row, _ = decode_one(sll2(packet, ETH_IPV4, 0, ifindex=8), 276, direction=DIR_EGRESS, ifindex=3)
+    # SLL2's ifindex on the side its packet type says, whatever the record's direction
+    assert (row["direction"], row["ingress_if"], row["egress_if"]) == (DIR_EGRESS, 8, 0)
 
 
 def test_nflog_prefix_hook_interfaces_and_grouping():
@@ -481,7 +495,8 @@ def test_nflog_prefix_hook_interfaces_and_grouping():
     out, status, info, batch = decode_frames(frames, [239] * 5 + [1, 239])
     assert status.tolist() == [ST_OK] * 4 + [ST_MALFORMED, ST_OK, ST_OK]  # 4: IPv6 header says the hook, v4 inside
     assert out["direction"].tolist()[:4] == [DIR_INGRESS, DIR_EGRESS, DIR_UNKNOWN, DIR_INGRESS]
-    assert out["ifindex"].tolist()[:4] == [3, 5, 0, 6]
+    # in- and out-device as they are: PREROUTING 3 (and a stray 4), POSTROUTING 5, none, INPUT 6
+    assert out[["ingress_if", "egress_if"]].tolist()[:4] == [(3, 4), (0, 5), (0, 0), (6, 0)]
     assert info.nflog_hook.tolist() == [0, 4, 2, 1, 3, NO_HOOK, NO_HOOK]
     groups = nflog_prefixes(batch, info)
     assert {k: v.tolist() for k, v in groups.items()} == {
@@ -509,6 +524,56 @@ def test_ipv6_extension_chain_fragments_ah_esp_and_jumbo():
     assert out["l3_bytes"].tolist()[4] == 200_040
 
 
+def fragment_batch(frames_at: list[tuple[bytes, int]]) -> RecordBatch:
+    """Raw IP records (LINKTYPE_RAW) at the given times."""
+    batch = make_batch([f for f, _ in frames_at], 101)
+    batch.ts_ns[:] = [t for _, t in frames_at]
+    return batch
+
+
+def decode_with(memory, frames_at):
+    batch = fragment_batch(frames_at)
+    out, status = np.zeros(len(batch), PACKET_DTYPE), np.zeros(len(batch), np.uint8)
+    decode_batch(batch, out, status, memory)
+    assert status.tolist() == [ST_OK] * len(batch)
+    return [(int(r["sport"]), int(r["icmp"])) for r in out]
+
+
+def test_icmp_later_fragments_take_the_first_fragments_type_or_none():
+    a, b, c = "192.0.2.1", "192.0.2.2", "192.0.2.3"
+    echo = icmp(8, 0, bytes(1472))
+    first = ipv4(a, b, 1, echo[:1480], ident=77, flags=1)
+    later = ipv4(a, b, 1, echo[1480:] + bytes(100), ident=77, frag_offset=185)
+    S = 10**9
+    got = decode_with(FragmentMemory(), [
+        (first, T0), (later, T0 + 1),  # first seen: the later fragment is an echo request too
+        (ipv4(a, b, 1, bytes(100), ident=78, frag_offset=185), T0 + 2),  # its first never seen
+        (ipv4(c, b, 1, bytes(100), ident=77, frag_offset=185), T0 + 3),  # another source: another datagram
+        (ipv4(b, a, 1, bytes(100), ident=77, frag_offset=185), T0 + 4),  # the reverse: another datagram
+        (ipv4(a, b, 17, bytes(100), ident=77, frag_offset=185), T0 + 5),  # UDP: ports 0, as before
+        (later, T0 + 31 * S),  # after IPv4's reassembly timeout (30 s) the id may be another datagram's
+        (ipv4(a, b, 1, icmp(0, 0, bytes(100)), ident=79), T0 + 32 * S),  # not a fragment: a real echo reply
+    ])
+    assert got == [(0, 0x0800), (0, 0x0800), (ICMP_NO_TYPE, 0), (ICMP_NO_TYPE, 0), (ICMP_NO_TYPE, 0), (0, 0),
+                   (ICMP_NO_TYPE, 0), (0, 0)]
+
+
+def test_icmpv6_later_fragments_take_the_first_fragments_type_across_batches():
+    a, b = "2001:db8::1", "2001:db8::2"
+    first = ipv6(a, b, 44, ipv6_fragment(58, 0, True, ident=0x01020304) + icmp(128, 0, bytes(64)))
+    later = ipv6(a, b, 44, ipv6_fragment(58, 9, False, ident=0x01020304) + bytes(64))
+    memory = FragmentMemory()
+    assert decode_with(memory, [(first, T0)]) == [(0, 0x8000)]
+    assert decode_with(memory, [(later, T0 + 59 * 10**9)]) == [(0, 0x8000)]  # IPv6 reassembly: 60 s
+    other = ipv6(a, b, 44, ipv6_fragment(58, 9, False, ident=0x01020305) + bytes(64))
+    assert decode_with(memory, [(other, T0 + 1)]) == [(ICMP_NO_TYPE, 0)]
+    assert decode_with(FragmentMemory(), [(later, T0 + 1)]) == [(ICMP_NO_TYPE, 0)]  # a fresh memory knows nothing
+    atomic = ipv6(a, b, 44, ipv6_fragment(58, 0, False, ident=7) + icmp(129, 0))  # offset 0, no M: no fragment
+    assert decode_with(memory, [(atomic, T0 + 2)]) == [(0, 0x8100)]
+    with pytest.raises(ValueError):
+        FragmentMemory(1000)
+
+
 def test_truncated_malformed_not_ip_and_unsupported():
     udp4 = ethernet_ipv4_udp("10.0.0.1", "10.0.0.2", 1, 2)
     frames = [udp4[:13], ethernet_ipv4_udp("10.0.0.1", "10.0.0.2", 1, 2, vlans=[1])[:17], udp4[:14], udp4[:33],
@@ -522,7 +587,7 @@ def test_truncated_malformed_not_ip_and_unsupported():
     assert info.status_counts.tolist() == [1, 0, 0, 0, 1] and info.ok == 1 and info.count == 2
 
 
-def test_rows_of_frames_that_are_not_ok_carry_only_time_interface_and_direction():
+def test_rows_of_frames_that_are_not_ok_carry_only_time_interfaces_and_direction():
     batch = make_batch([ethernet(bytes(28), 0x0806), b"\xff" * 40], [1, 1], ifindex=[2, 3],
                        direction=[DIR_EGRESS, DIR_UNKNOWN])
     rows = np.frombuffer(b"\xab" * PACKET_DTYPE.itemsize * 2, dtype=PACKET_DTYPE).copy()
@@ -530,8 +595,10 @@ def test_rows_of_frames_that_are_not_ok_carry_only_time_interface_and_direction(
     decode_batch(batch, rows, status)
     for i in range(2):
         row = rows[i]
-        assert row["ts_ns"] == T0 + i and row["ifindex"] == [2, 3][i] and row["direction"] == [DIR_EGRESS, DIR_UNKNOWN][i]
-        assert all(int(row[f]) == 0 for f in PACKET_DTYPE.names if f not in ("ts_ns", "ifindex", "direction"))
+        assert row["ts_ns"] == T0 + i and row["direction"] == [DIR_EGRESS, DIR_UNKNOWN][i]
+        assert (row["ingress_if"], row["egress_if"]) == [(0, 2), (3, 0)][i]
+        assert all(int(row[f]) == 0 for f in PACKET_DTYPE.names
+                   if f not in ("ts_ns", "ingress_if", "egress_if", "direction"))
 
 
 def test_tso_total_length_zero_takes_the_frame_length():
@@ -560,8 +627,12 @@ def test_warm_up_loads_every_kernel():
 # --- the plain-Python twin of the decoder -------------------------------------------------------------
 
 
-def twin_decode(frame: bytes, linktype: int, origlen: int, rec_ifindex: int = 0, rec_direction: int = DIR_UNKNOWN):
-    """What the kernel must produce for one record: (status, row fields, prefix or None, hook)."""
+def twin_decode(frame: bytes, linktype: int, origlen: int, rec_ifindex: int = 0, rec_direction: int = DIR_UNKNOWN,
+                ts: int = T0, fragments: dict | None = None):
+    """What the kernel must produce for one record: (status, row fields, prefix or None, hook).
+
+    ``fragments``: ICMP first fragments seen so far, {(version, src, dst, proto, id): (icmp, ts)}."""
+    fragments = {} if fragments is None else fragments
     f, end = frame, len(frame)
     reported = max(origlen, end)
 
@@ -591,7 +662,7 @@ def twin_decode(frame: bytes, linktype: int, origlen: int, rec_ifindex: int = 0,
     def family(v: int) -> int:
         return 4 if v == 2 else 6 if v in (24, 28, 30) else -1
 
-    link_dir, link_if, prefix, hook = DIR_UNKNOWN, 0, None, NO_HOOK
+    link_dir, link_in, link_out, prefix, hook = DIR_UNKNOWN, 0, 0, None, NO_HOOK
     net_end = end
     if linktype == 1:
         kind, net = (-2, 0) if end < 14 else after_ethertype(14, b16(12))
@@ -605,7 +676,8 @@ def twin_decode(frame: bytes, linktype: int, origlen: int, rec_ifindex: int = 0,
     elif linktype == 276:
         kind, net = (-2, 0) if end < 20 else after_ethertype(20, b16(0))
         if end >= 20:
-            link_dir, link_if = pkttype_dir(f[10]), b32(4)
+            link_dir = pkttype_dir(f[10])
+            link_in, link_out = (0, b32(4)) if link_dir == DIR_EGRESS else (b32(4), 0)
     elif linktype in (0, 108):
         if end < 4:
             kind, net = -2, 0
@@ -618,7 +690,7 @@ def twin_decode(frame: bytes, linktype: int, origlen: int, rec_ifindex: int = 0,
             v = b32(0) if v > 0xFFFF else v
             kind, net = (by_ethertype(v) if v > 1500 else family(v)), 4
     elif linktype == 239:
-        kind, net, net_end, net_reported, link_dir, link_if, prefix, hook = twin_nflog(f, reported)
+        kind, net, net_end, net_reported, link_dir, link_in, link_out, prefix, hook = twin_nflog(f, reported)
     else:
         kind, net = -3, 0
     if linktype != 239:
@@ -636,17 +708,31 @@ def twin_decode(frame: bytes, linktype: int, origlen: int, rec_ifindex: int = 0,
                 status = ST_MALFORMED
         if kind in (4, 6):
             status = twin_ip(f, net, net_end, net_reported, kind, row)
+    frag_id, icmp_read = row.pop("_fragment", (-1, False))
     if status != ST_OK:
         row = dict.fromkeys(row, 0)
-    row["ifindex"] = link_if or rec_ifindex
-    row["direction"] = rec_direction if rec_direction != DIR_UNKNOWN else link_dir
+    elif frag_id >= 0 and row["proto"] == (1 if row["ip_version"] == 4 else 58):  # ICMP fragments
+        key = (row["ip_version"], row["src_hi"], row["src_lo"], row["dst_hi"], row["dst_lo"], row["proto"], frag_id)
+        lifetime = (30 if row["ip_version"] == 4 else 60) * 10**9
+        if icmp_read:
+            fragments[key] = (row["icmp"], ts)
+        elif key in fragments and abs(fragments[key][1] - ts) <= lifetime:
+            row["icmp"] = fragments[key][0]
+        else:
+            row["sport"] = ICMP_NO_TYPE
+    direction = rec_direction if rec_direction != DIR_UNKNOWN else link_dir
+    if link_in or link_out:
+        row["ingress_if"], row["egress_if"] = link_in, link_out
+    else:
+        row["ingress_if"], row["egress_if"] = (0, rec_ifindex) if direction == DIR_EGRESS else (rec_ifindex, 0)
+    row["direction"] = direction
     return status, row, prefix, hook
 
 
 def twin_nflog(f: bytes, reported: int):
     end = len(f)
     if end < 4:
-        return -2, 0, 0, 0, DIR_UNKNOWN, 0, None, NO_HOOK
+        return -2, 0, 0, 0, DIR_UNKNOWN, 0, 0, None, NO_HOOK
     q, big = 4, False
     if end - q >= 4:
         le_len, be_len = int.from_bytes(f[4:6], "little"), int.from_bytes(f[4:6], "big")
@@ -674,11 +760,10 @@ def twin_nflog(f: bytes, reported: int):
             prefix = value.split(b"\0")[0][:128]
         q += (tlen + 3) & ~3
     direction = DIR_INGRESS if hook in (0, 1) else DIR_EGRESS if hook in (3, 4) else DIR_UNKNOWN
-    ifindex = indev or outdev
     if payload is None:
-        return (-2 if end - q > 0 else -1), 0, 0, 0, direction, ifindex, prefix, hook
+        return (-2 if end - q > 0 else -1), 0, 0, 0, direction, indev, outdev, prefix, hook
     kind = {0x0800: 4, 0x86DD: 6}.get(hw, -1) if hw else {2: 4, 10: 6}.get(f[0], -1)
-    return kind, payload[0], min(payload[0] + payload[1], end), payload[1], direction, ifindex, prefix, hook
+    return kind, payload[0], min(payload[0] + payload[1], end), payload[1], direction, indev, outdev, prefix, hook
 
 
 def twin_ip(f: bytes, p: int, end: int, reported: int, version: int, row: dict) -> int:
@@ -697,11 +782,12 @@ def twin_ip(f: bytes, p: int, end: int, reported: int, version: int, row: dict) 
         if total < hlen:
             return ST_MALFORMED
         first = b16(p + 6) & 0x1FFF == 0
+        frag_id = b16(p + 4) if b16(p + 6) & 0x3FFF else -1
         row.update(src_lo=int.from_bytes(f[p + 12:p + 16], "big"), dst_lo=int.from_bytes(f[p + 16:p + 20], "big"),
                    l3_bytes=total, tos=f[p + 1], proto=f[p + 9], ip_version=4)
         limit, q, nh = min(end, p + total), p + hlen, f[p + 9]
         if nh == 51:
-            row["proto"], nh, q, first = twin_walk(f, q, limit, nh)
+            row["proto"], nh, q, first, _ = twin_walk(f, q, limit, nh)
         icmp_proto = 1
     else:
         if end - p < 40:
@@ -714,7 +800,7 @@ def twin_ip(f: bytes, p: int, end: int, reported: int, version: int, row: dict) 
         row.update(src_hi=addr[0], src_lo=addr[1], dst_hi=addr[2], dst_lo=addr[3], ip_version=6,
                    l3_bytes=min(payload + 40, 0xFFFFFFFF), tos=((f[p] & 0xF) << 4) | (f[p + 1] >> 4))
         limit = min(end, p + 40 + payload)
-        row["proto"], nh, q, first = twin_walk(f, p + 40, limit, nh)
+        row["proto"], nh, q, first, frag_id = twin_walk(f, p + 40, limit, nh)
         icmp_proto = 58
     if first:
         if nh in (6, 17, 33, 136) and limit - q >= 4 or nh == 132 and limit - q >= 12:
@@ -723,21 +809,24 @@ def twin_ip(f: bytes, p: int, end: int, reported: int, version: int, row: dict) 
                 row["tcp_flags"] = f[q + 13]
         elif nh == icmp_proto == row["proto"] and limit - q >= 2:
             row["icmp"] = b16(q)
+    row["_fragment"] = (frag_id, first and limit - q >= 2)
     return ST_OK
 
 
-def twin_walk(f: bytes, q: int, end: int, nh: int) -> tuple[int, int, int, bool]:
-    proto, frozen, first = nh, False, True
+def twin_walk(f: bytes, q: int, end: int, nh: int) -> tuple[int, int, int, bool, int]:
+    proto, frozen, first, frag_id = nh, False, True, -1
     while True:
         if nh in (0, 43, 60) and end - q >= 2:
             length = (f[q + 1] + 1) * 8
         elif nh == 44 and end - q >= 8:
             first = first and (int.from_bytes(f[q + 2:q + 4], "big") >> 3) == 0
+            if int.from_bytes(f[q + 2:q + 4], "big") & 0xFFF9:  # offset or M: a real fragment
+                frag_id = int.from_bytes(f[q + 4:q + 8], "big")
             length = 8
         elif nh == 51 and end - q >= 2:
             frozen, length = True, (f[q + 1] + 2) * 4
         else:
-            return proto, nh, q, first
+            return proto, nh, q, first, frag_id
         nh = f[q]
         proto = proto if frozen else nh
         q += length
@@ -763,13 +852,15 @@ def assert_kernel_matches_twin(batch: RecordBatch) -> None:
     n = len(batch)
     out = np.zeros(n, PACKET_DTYPE)
     status = np.zeros(n, np.uint8)
-    info = decode_batch(batch, out, status)
+    info = decode_batch(batch, out, status, FragmentMemory(1 << 16))  # big: no datagram forgotten here
     assert set(np.unique(status).tolist()) <= set(KNOWN_STATUSES)
     assert info.status_counts.sum() == n
+    fragments: dict = {}
     for i in range(n):
         frame = batch.frame(i)
         want_status, want, prefix, hook = twin_decode(frame, int(batch.linktype[i]), int(batch.origlen[i]),
-                                                      int(batch.ifindex[i]), int(batch.direction[i]))
+                                                      int(batch.ifindex[i]), int(batch.direction[i]),
+                                                      int(batch.ts_ns[i]), fragments)
         got = {k: int(out[i][k]) for k in want}
         assert (int(status[i]), got) == (want_status, want), f"record {i}: {frame.hex()} link {batch.linktype[i]}"
         length = int(info.nflog_prefix_length[i])

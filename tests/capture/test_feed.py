@@ -20,7 +20,8 @@ from flowmeter.capture.sources.feed import (BAD_ADDRESS, BAD_AGENT, BAD_DIR, BAD
                                             BAD_PORT, BAD_PROTO, BAD_REASON, BAD_T, BAD_VERDICT, CUT_SHORT,
                                             FRAME_NOT_MAP, FUTURE_T, MULTIPART, NO_FRAMES, NOT_IP, NOT_MAP, NOT_MSGPACK,
                                             OTHER_PROTOCOL, TOO_BIG, TOO_MANY_FRAMES, TRANSPORT_SLACK, TRUNCATED,
-                                            TWO_FORMS, UNEXPECTED, WRONG_VERSION, FeedSource, SourceError)
+                                            TWO_FORMS, UNEXPECTED, WRONG_VERSION, FeedDecoder, FeedSource,
+                                            SourceError)
 from flowmeter.capture.sources.feedclient import (FeedClient, example_frames, header_frame, main, metadata_frame,
                                                   pack_message)
 from flowmeter.ipc.packets import DIR_EGRESS, DIR_INGRESS, PACKET_DTYPE
@@ -87,22 +88,39 @@ def test_frames_of_both_forms_arrive_with_their_columns(endpoint):
     # header form, IPv4 TCP: decoded from the header; direction, verdict and peer from the frame
     assert (a["ip_version"], a["src_hi"], a["src_lo"], a["dst_lo"]) == (4, 0, v4("10.0.0.2"), v4("192.0.2.10"))
     assert (a["proto"], a["sport"], a["dport"], a["tcp_flags"], a["tos"]) == (6, 40000, 443, 0x12, 0x28)
-    assert (a["l3_bytes"], a["direction"], a["fwd_status"], a["ifindex"]) == (40, DIR_INGRESS, 0, 7)
+    assert (a["l3_bytes"], a["direction"], a["fwd_status"]) == (40, DIR_INGRESS, 0)
+    assert (a["ingress_if"], a["egress_if"]) == (7, 0)  # received from peer 7
     # header form, IPv6 UDP, dropped: "Deny: rule 5" starts with the prefix "deny" (any case)
     assert (b["ip_version"], (b["src_hi"], b["src_lo"]), (b["dst_hi"], b["dst_lo"])) == (
         6, v6("2001:db8::2"), v6("2001:db8:1::53"))
     assert (b["proto"], b["sport"], b["dport"], b["tos"], b["l3_bytes"]) == (17, 5353, 53, 0xb8, 40 + 28)
-    assert (b["direction"], b["fwd_status"], b["ifindex"]) == (DIR_EGRESS, 129, 2**32 - 1)
+    assert (b["direction"], b["fwd_status"]) == (DIR_EGRESS, 129)
+    assert (b["ingress_if"], b["egress_if"]) == (0, 0)  # to peer 2**32-1, but dropped: it never left
     # metadata form
     assert (c["ip_version"], c["src_lo"], c["dst_lo"], c["proto"], c["sport"], c["dport"]) == (
         4, v4("10.1.1.1"), v4("10.2.2.2"), 17, 1234, 4321)
-    assert (c["l3_bytes"], c["tos"], c["direction"], c["fwd_status"], c["ifindex"]) == (1400, 4, DIR_EGRESS, 130, 0)
+    assert (c["l3_bytes"], c["tos"], c["direction"], c["fwd_status"]) == (1400, 4, DIR_EGRESS, 130)
+    assert (c["ingress_if"], c["egress_if"]) == (0, 0)  # no peer
     assert (d["ip_version"], (d["src_hi"], d["src_lo"]), d["proto"], d["icmp"]) == (
         6, v6("2001:db8::1"), 58, 128 * 256)
     assert d["fwd_status"] == 138
     assert (e["tcp_flags"], e["sport"], e["dport"], e["fwd_status"]) == (0x11, 22, 50000, 140)
     assert (f["proto"], f["fwd_status"], g["fwd_status"]) == (47, 129, 129)
     assert (h["icmp"], h["fwd_status"], h["direction"]) == (8 * 256, 0, DIR_INGRESS)
+
+
+def test_each_peer_is_an_interface_ingress_from_it_egress_to_it():
+    decoder = FeedDecoder(drop_reasons=DROP_PREFIXES)
+    udp4 = ipv4("10.8.0.2", "192.0.2.10", 17, udp(5000, 53))
+    frames = [header_frame(udp4, t=T0, dir="in", peer=3),
+              header_frame(udp4, t=T0 + 1, dir="out", peer=4),
+              metadata_frame("10.8.0.2", "192.0.2.10", 17, 28, sport=5000, dport=53, t=T0 + 2, dir="in", peer=5),
+              metadata_frame("10.8.0.2", "192.0.2.10", 17, 28, sport=5000, dport=53, t=T0 + 3, dir="out", peer=6),
+              metadata_frame("10.8.0.2", "192.0.2.10", 17, 28, t=T0 + 4, dir="out", peer=6, verdict="drop"),
+              header_frame(udp4, t=T0 + 5, dir="in", peer=7, verdict="drop")]
+    rows = decoder.decode(pack_message(frames))
+    assert rows[["ingress_if", "egress_if"]].tolist() == [(3, 0), (0, 4), (5, 0), (0, 6), (0, 0), (7, 0)]
+    assert rows["direction"].tolist() == [DIR_INGRESS, DIR_EGRESS] * 2 + [DIR_EGRESS, DIR_INGRESS]
 
 
 def test_len_of_a_header_frame_wins_over_the_header(endpoint):
@@ -390,7 +408,10 @@ def test_example_client_sends_frames_of_both_forms(endpoint, capsys):
     assert np.count_nonzero(rows["fwd_status"] == 129) == 10  # "deny: example rule 7"
     assert sorted(np.unique(rows["ip_version"])) == [4, 6]
     assert sorted(np.unique(rows["direction"])) == [DIR_INGRESS, DIR_EGRESS]
-    assert sorted(np.unique(rows["ifindex"])) == [1, 2, 3, 4]
+    # each peer is an interface: frames from peers 1 and 3 ("in") came in on them, those to 2 and 4 left on them
+    received, sent = rows["direction"] == DIR_INGRESS, (rows["direction"] == DIR_EGRESS) & (rows["fwd_status"] == 0)
+    assert sorted(np.unique(rows["ingress_if"][received])) == [1, 3] and (rows["egress_if"][received] == 0).all()
+    assert sorted(np.unique(rows["egress_if"][sent])) == [2, 4] and (rows["ingress_if"][sent] == 0).all()
     assert len(example_frames(3)) == 3
 
 

@@ -24,9 +24,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowmeter.capture.decode import decode_batch, nflog_prefixes
+from flowmeter.capture.process import Capture, CaptureSettings
+from flowmeter.capture.sources import RecordBatch
 from flowmeter.capture.sources.nflog import NflogSource, SourceError, walk_netlink_messages
-from flowmeter.ipc.packets import DIR_EGRESS, DIR_INGRESS, PACKET_DTYPE, ST_OK
+from flowmeter.ipc.packets import DIR_EGRESS, DIR_INGRESS, DIR_UNKNOWN, PACKET_DTYPE, ST_OK
 from tests.support.netns import Namespaces, available, entered
+from tests.support.pcapwrite import ipv4, nflog, udp
 
 RULES = """
 table inet flowmeter_nflog_test {
@@ -102,6 +105,24 @@ def collect(source: NflogSource, want: int, deadline_s: float = 3.0):
     return (np.concatenate(rows) if rows else np.empty(0, PACKET_DTYPE)), prefixes
 
 
+def test_a_dropped_frame_keeps_its_in_device_and_loses_its_out_device():
+    """In FORWARD the kernel logs both devices; a frame the rule drops never left: egress 0."""
+    p = ipv4("10.1.0.1", "10.2.0.1", 17, udp(1000, 53))
+    frames = [nflog(p, hook=2, prefix=b"drop: telnet", indev=3, outdev=4),
+              nflog(p, hook=2, prefix=b"allowed", indev=3, outdev=4),
+              nflog(p, hook=2, indev=4, outdev=3)]
+    batch = RecordBatch(np.frombuffer(b"".join(frames), np.uint8),
+                        np.cumsum([0] + [len(f) for f in frames[:-1]]).astype(np.uint64),
+                        np.array([len(f) for f in frames], np.uint32), np.array([len(f) for f in frames], np.uint32),
+                        NOW_NS + np.arange(3, dtype=np.uint64), np.full(3, 239, np.uint16), np.zeros(3, np.uint32),
+                        np.full(3, DIR_UNKNOWN, np.uint8))
+    sent = []
+    capture = Capture(CaptureSettings(index=0, drop_prefixes=(("drop", 129),)), 1, lambda w, f: sent.append(f))
+    capture.meter_batch(batch)
+    rows = np.frombuffer(bytes(sent[0][1]), PACKET_DTYPE)
+    assert rows[["fwd_status", "ingress_if", "egress_if"]].tolist() == [(129, 3, 0), (0, 3, 4), (0, 4, 3)]
+
+
 # --- live, in a namespace --------------------------------------------------------------
 
 
@@ -119,6 +140,8 @@ def test_logged_datagrams_become_rows_with_their_prefix(namespace, version):
     assert counters["frames"] == len(rows) and counters["malformed"] == counters["frames lost"] == 0
     assert (rows["ip_version"] == version).all() and (rows["proto"] == 17).all()
     assert (rows["direction"] == DIR_EGRESS).all()  # logged at the output hook
+    lo = socket.if_nametoindex("lo")  # (1, in every namespace)
+    assert (rows["ingress_if"] == 0).all() and (rows["egress_if"] == lo).all()  # OUTPUT: the out-device only
     by_prefix = {b"acl-deny: ": (denied, sport_denied, 9999), b"allowed: ": (allowed, sport_allowed, 9998)}
     assert set(prefixes) == set(by_prefix)
     for prefix, (sizes, sport, dport) in by_prefix.items():
@@ -153,6 +176,8 @@ def test_input_hook_is_ingress_and_stamped_by_the_kernel(namespace):
         rows_out, _ = collect(egress, 1)
     assert prefixes_in == [b"inbound: "] and rows_in["dport"][0] == 9997
     assert rows_in["direction"][0] == DIR_INGRESS and rows_out["direction"][0] == DIR_EGRESS
+    assert (int(rows_in["ingress_if"][0]), int(rows_in["egress_if"][0])) == (1, 0)  # INPUT: in-device lo
+    assert (int(rows_out["ingress_if"][0]), int(rows_out["egress_if"][0])) == (0, 1)  # OUTPUT: out-device lo
     assert before <= int(rows_in["ts_ns"][0]) <= sent
     assert int(rows_out["ts_ns"][0]) > sent + 20_000_000
 

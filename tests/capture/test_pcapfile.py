@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from flowmeter.capture.sources.pcapfile import (MAX_CAPLEN, CaptureError, CaptureFile, RecordBatch, open_capture,
                                                 pcapng_time_ns)
-from flowmeter.ipc.packets import DIR_EGRESS, DIR_INGRESS, DIR_UNKNOWN
+from flowmeter.capture.decode import decode_batch
+from flowmeter.ipc.packets import DIR_EGRESS, DIR_INGRESS, DIR_UNKNOWN, PACKET_DTYPE, ST_OK
 from tests.support.pcapwrite import ethernet_ipv4_udp, ethernet_ipv6_tcp, ipv4, udp, write_pcap
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "pcaps"
@@ -128,7 +129,7 @@ def twin_read(data: bytes) -> tuple[list[tuple[int, ...]], bool, int]:
             sec, frac, incl, orig = struct.unpack_from(o + "IIII", data, p)
             if incl > MAX_CAPLEN or len(data) - p - 16 < incl:
                 return out, False, p
-            out.append((p + 16, incl, orig, (sec * 10**9 + frac * mult) % 2**64, linktype, 0, DIR_UNKNOWN))
+            out.append((p + 16, incl, orig, (sec * 10**9 + frac * mult) % 2**64, linktype, 1, DIR_UNKNOWN))
             p += 16 + incl
     if magic != b"\x0a\x0d\x0d\x0a":
         raise ValueError("magic")
@@ -150,6 +151,7 @@ def twin_read(data: bytes) -> tuple[list[tuple[int, ...]], bool, int]:
         raise ValueError("section header")
     o, length = first
     p, ifs, last_ts = length, [], 0
+    if_first = 1  # interface numbers run on across sections
     while True:
         if p == len(data):
             return out, True, p
@@ -161,7 +163,7 @@ def twin_read(data: bytes) -> tuple[list[tuple[int, ...]], bool, int]:
             if nxt is None:
                 return out, False, p
             o, length = nxt
-            p, ifs = p + length, []
+            p, ifs, if_first = p + length, [], if_first + len(ifs)
             continue
         blen = struct.unpack_from(o + "I", data, p + 4)[0]
         if blen < 12 or blen % 4 or blen > len(data) - p or struct.unpack_from(o + "I", data, p + blen - 4)[0] != blen:
@@ -205,7 +207,7 @@ def twin_read(data: bytes) -> tuple[list[tuple[int, ...]], bool, int]:
                     direction = {1: DIR_INGRESS, 2: DIR_EGRESS}.get(bits, DIR_UNKNOWN)
                     break
                 q += 4 + ((olen + 3) & ~3)
-            out.append((p + 28, incl, orig, last_ts, linktype, iface + 1, direction))
+            out.append((p + 28, incl, orig, last_ts, linktype, if_first + iface, direction))
         elif btype == 3:
             if blen < 16 or not ifs:
                 return out, False, p
@@ -215,7 +217,7 @@ def twin_read(data: bytes) -> tuple[list[tuple[int, ...]], bool, int]:
                 incl = min(incl, ifs[0][1])
             if incl > MAX_CAPLEN:
                 return out, False, p
-            out.append((p + 12, incl, orig, last_ts, ifs[0][0], 1, DIR_UNKNOWN))
+            out.append((p + 12, incl, orig, last_ts, ifs[0][0], if_first, DIR_UNKNOWN))
         p += blen
 
 
@@ -360,7 +362,8 @@ def test_written_pcap_reads_back_exactly(tmp_path, byte_order, nanosecond):
     offset = 24
     for (ts, frame, origlen), row in zip(packets, got):
         want_ts = ts if nanosecond else ts // 1000 * 1000
-        assert row == (offset + 16, len(frame), origlen, want_ts, 228 if byte_order == ">" else 1, 0, DIR_UNKNOWN)
+        # interface 1: the file's one
+        assert row == (offset + 16, len(frame), origlen, want_ts, 228 if byte_order == ">" else 1, 1, DIR_UNKNOWN)
         offset += 16 + len(frame)
     batch = next(CaptureFile(path).batches(1))
     assert isinstance(batch, RecordBatch) and batch.frame(0) == packets[0][1]
@@ -422,7 +425,7 @@ def test_pcapng_sections_resolutions_offsets_flags_and_block_types():
             + epb(le, 2, (1_000_000 << 40) + 999_999, frame, flags=3)
             + epb(le, 3, 1_000_000 * 10**12 + 123_456_789, frame)
             + spb(le, frame)  # no time stamp: the previous packet's
-            + shb(be)  # a new section, other byte order: interface ids restart
+            + shb(be)  # a new section, other byte order: interface ids restart, numbers run on
             + idb(be, 101, 30)
             + epb(be, 0, 1_700_000_001 * 10**6 + 7, raw)
             + spb(be, raw)  # cut to the interface's snaplen 30
@@ -438,12 +441,34 @@ def test_pcapng_sections_resolutions_offsets_flags_and_block_types():
                   1_000_000 * 10**9 + 123_456,
                   1_700_000_001_000_007_000, 1_700_000_001_000_007_000, 1_700_000_002_000_000_000]
     assert [r[4] for r in got] == [1] * 5 + [101] * 3
-    assert [r[5] for r in got] == [1, 2, 3, 4, 1, 1, 1, 1]
+    assert [r[5] for r in got] == [1, 2, 3, 4, 1, 5, 5, 5]  # section 2's interface 0 is the file's 5th
     assert [r[6] for r in got] == [DIR_INGRESS, DIR_EGRESS, DIR_UNKNOWN, DIR_UNKNOWN, DIR_UNKNOWN,
                                    DIR_UNKNOWN, DIR_UNKNOWN, DIR_EGRESS]
     assert [(r[1], r[2]) for r in got] == [(42, 42), (42, 1500), (42, 42), (42, 42), (42, 42),
                                            (28, 28), (28, 28), (28, 28)]
     assert twin_read(data) == (got, True, len(data))
+
+
+def test_pcapng_interfaces_and_flags_become_ingress_and_egress_interfaces():
+    """Interface i of the file (across sections) is i + 1, on the side the EPB flags say; no flags: ingress."""
+    frame = ethernet_ipv4_udp("10.0.0.1", "10.0.0.2", 1, 2)
+    le, be = "<", ">"
+    data = (shb(le) + idb(le, 1, 0) + idb(le, 1, 0) + idb(le, 1, 0)
+            + epb(le, 0, 1, frame, flags=1)  # inbound on interface 0
+            + epb(le, 1, 2, frame, flags=2)  # outbound on interface 1
+            + epb(le, 2, 3, frame)  # no flags
+            + epb(le, 2, 4, frame, flags=3)  # direction bits 3: invalid, unknown
+            + spb(le, frame)  # SPB: interface 0
+            + shb(be) + idb(be, 1, 0) + idb(be, 1, 0)
+            + epb(be, 1, 5, frame, flags=2)  # interface 1 of section 2: the file's 5th, outbound
+            + pb(be, 0, 6, frame, flags=1))  # interface 0 of section 2: the 4th, inbound
+    rows = []
+    for batch in CaptureFile.from_bytes(data).batches():
+        out, status = np.empty(len(batch), PACKET_DTYPE), np.empty(len(batch), np.uint8)
+        decode_batch(batch, out, status)
+        assert (status == ST_OK).all()
+        rows += [(int(r["ingress_if"]), int(r["egress_if"])) for r in out]
+    assert rows == [(1, 0), (0, 2), (3, 0), (3, 0), (1, 0), (0, 5), (4, 0)]
 
 
 @needs_tshark

@@ -626,7 +626,8 @@ def test_collect_reads_an_ipfix_file_and_reports_a_truncated_tail(tmp_path):
     assert len(lines) == 5
     assert lines[0].split() == ["2023-11-14T22:13:20.000", "2023-11-14T22:13:25.456", "TCP",
                                 "192.0.2.1:40000", "->", "198.51.100.2:443", "10", "pkts", "1500", "B",
-                                "...AP.S.", "in", "idle", "fwd", "ipClassOfService=0", "ingressInterface=3"]
+                                "...AP.S.", "in", "idle", "fwd", "ipClassOfService=0", "ingressInterface=3",
+                                "egressInterface=0"]
     assert stats.malformed == 1 and stats.records == 5
     assert err.getvalue().splitlines()[-1].endswith(f"message truncated, 20 of {len(msgs[1])} octets")
     assert "1 malformed" in err.getvalue()

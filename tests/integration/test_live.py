@@ -416,7 +416,8 @@ def test_feed_frames_with_verdicts_while_hostile_messages_are_dropped(lab, tmp_p
     tcp_rows = [r for r in records if r.get("sourceIPv4Address") == "10.1.0.1"]
     assert len(tcp_rows) == 1, records
     assert int(tcp_rows[0]["packetDeltaCount"]) == 10 and int(tcp_rows[0]["octetDeltaCount"]) == 1400
-    assert int(tcp_rows[0]["flowDirection"]) == 1 and int(tcp_rows[0]["ingressInterface"]) == 7
+    assert int(tcp_rows[0]["flowDirection"]) == 1  # "out": sent to peer 7, its interface
+    assert (int(tcp_rows[0]["ingressInterface"]), int(tcp_rows[0]["egressInterface"])) == (0, 7)
     assert int(tcp_rows[0].get("forwardingStatus", 64)) == 64
     dropped = [r for r in records if "sourceIPv6Address" in r]
     assert len(dropped) == 1 and int(dropped[0]["packetDeltaCount"]) == 4

@@ -80,6 +80,7 @@ def expected_nfdump(batches) -> Counter:
                 "direction": int(r["flowDirection"]),
                 "tos": int(r["ipClassOfService"]),
                 "ingress": int(r["ingressInterface"]),
+                "egress": int(r["egressInterface"]),
             }
             names = recs.dtype.names
             if "sourceTransportPort" in names:
@@ -107,6 +108,7 @@ def from_nfdump(rows) -> Counter:
             "direction": r["direction"],
             "tos": r["src_tos"],
             "ingress": r["input_snmp"],
+            "egress": r["output_snmp"],
         }
         if r["proto"] in (6, 17, 132):
             key["sport"], key["dport"] = r["src_port"], r["dst_port"]
@@ -144,7 +146,7 @@ def test_ipfixdump_reads_the_same_records_from_the_file(exported):
              int(r.get("sourceTransportPort", 0)), int(r.get("destinationTransportPort", 0)),
              int(r.get("tcpControlBits", 0)), int(r.get("icmpTypeCodeIPv4", r.get("icmpTypeCodeIPv6", 0))),
              int(r["flowDirection"]), int(r["flowEndReason"]), int(r["forwardingStatus"]),
-             r["flowStartMilliseconds"])] += 1
+             int(r["ingressInterface"]), int(r["egressInterface"]), r["flowStartMilliseconds"])] += 1
     want = Counter()
     for name, _, recs in exported["batches"]:
         names = recs.dtype.names
@@ -157,6 +159,7 @@ def test_ipfixdump_reads_the_same_records_from_the_file(exported):
                   int(rec["destinationTransportPort"]) if "destinationTransportPort" in names else 0,
                   int(rec["tcpControlBits"]) if "tcpControlBits" in names else 0, icmp,
                   int(rec["flowDirection"]), int(rec["flowEndReason"]), int(rec["forwardingStatus"]),
+                  int(rec["ingressInterface"]), int(rec["egressInterface"]),
                   start.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3])] += 1
     assert got == want
     stats = [r for r in ipfixdump_records(exported["file"]) if "exportedMessageTotalCount" in r]

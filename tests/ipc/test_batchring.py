@@ -196,4 +196,4 @@ def test_no_shared_memory_for_the_rings_is_one_clear_error_before_anything_start
     monkeypatch.setattr(batchring.mmap, "mmap", refuse)
     sup = Supervisor(load_profile(profile), (str(path),), 1)
     assert sup.run() == 1 and not sup.children
-    assert sup.errors == ["cannot map the batch rings (1 x 30 MiB of shared memory): Cannot allocate memory"]
+    assert sup.errors == ["cannot map the batch rings (1 x 32 MiB of shared memory): Cannot allocate memory"]

@@ -60,4 +60,5 @@ def synthetic_records(name: str, n: int, seed: int = 1, base_ms: int = 1_764_000
     r["flowEndReason"] = rng.choice([1, 2, 3, 4, 5], n)
     r["forwardingStatus"] = np.where(idx % 7 == 3, 129, 64)
     r["ingressInterface"] = rng.integers(1, 5, n)
+    r["egressInterface"] = np.where(r["forwardingStatus"] == 129, 0, rng.integers(1, 2**32, n))  # dropped: none
     return r

@@ -23,7 +23,7 @@ from workers.records import END_ACTIVE, END_FORCED, END_IDLE, END_LACK_OF_RESOUR
 S = 1_000_000_000
 T0 = 1_700_000_000 * S
 KEY = ("ip_version", "proto", "src_hi", "src_lo", "dst_hi", "dst_lo", "sport", "dport", "icmp",
-       "direction", "fwd_status", "ifindex")
+       "direction", "fwd_status", "ingress_if", "egress_if")
 SYN, FIN, RST, PSH, ACK = 0x02, 0x01, 0x04, 0x08, 0x10
 
 
@@ -34,8 +34,17 @@ def _flip(direction: int) -> int:
 
 
 def reverse_key(k: tuple) -> tuple:
-    ver, proto, shi, slo, dhi, dlo, sport, dport, icmp, direction, fwd, ifx = k
-    return (ver, proto, dhi, dlo, shi, slo, dport, sport, icmp, _flip(direction), fwd, ifx)
+    ver, proto, shi, slo, dhi, dlo, sport, dport, icmp, direction, fwd, ingress, egress = k
+    return (ver, proto, dhi, dlo, shi, slo, dport, sport, icmp, _flip(direction), fwd, egress, ingress)
+
+
+def reverse_candidates(k: tuple) -> list[tuple]:
+    """Where the table looks for a flow's reverse, in its order: interfaces swapped and direction
+    flipped, then the same direction, then the same interfaces (a source that sees one side only)."""
+    r = reverse_key(k)
+    same_dir = r[:9] + k[9:11] + r[11:]
+    same_ifs = r[:11] + k[11:]
+    return [r, same_dir, same_ifs, same_ifs[:9] + k[9:11] + k[11:]]
 
 
 class RefFlowTable:
@@ -103,9 +112,7 @@ class RefFlowTable:
             flags = int(p["tcp_flags"])
             if k[1] == 6 and flags & (FIN | RST):
                 f["fin"] = f["fin"] or not flags & RST
-                rk = reverse_key(k)
-                if rk not in self.flows:  # both sides classified alike: same direction
-                    rk = reverse_key(k)[:9] + k[9:]
+                rk = next((c for c in reverse_candidates(k) if c in self.flows), reverse_key(k))
                 end_both = bool(flags & RST) or (rk != k and rk in self.flows and self.flows[rk]["fin"])
                 if end_both:
                     self._end(k, END_OF_FLOW)
@@ -134,19 +141,21 @@ def packet_rows(rows: list[dict]) -> np.ndarray:
 
 
 def conversation(i: int, proto: int = 6, direction: int = DIR_EGRESS, v6: bool = False,
-                 ifindex: int = 3, fwd_status: int = 0) -> dict:
+                 ingress_if: int = 3, egress_if: int = 5, fwd_status: int = 0) -> dict:
     """The forward side of conversation ``i`` (key fields of a packet)."""
     return dict(ip_version=6 if v6 else 4, proto=proto,
                 src_hi=0x20010DB8_00000000 if v6 else 0, src_lo=0x0A000001 + i,
                 dst_hi=0x20010DB8_000000FF if v6 else 0, dst_lo=0xC0000201 + 7 * i,
                 sport=10000 + i % 50000 if proto in (6, 17) else 0, dport=443 if proto in (6, 17) else 0,
-                icmp=0x0800 if proto in (1, 58) else 0, direction=direction, fwd_status=fwd_status, ifindex=ifindex)
+                icmp=0x0800 if proto in (1, 58) else 0, direction=direction, fwd_status=fwd_status,
+                ingress_if=ingress_if, egress_if=egress_if)
 
 
 def backward(key: dict) -> dict:
     """The reverse side of a conversation."""
     b = dict(key, src_hi=key["dst_hi"], src_lo=key["dst_lo"], dst_hi=key["src_hi"], dst_lo=key["src_lo"],
-             sport=key["dport"], dport=key["sport"], direction=_flip(key["direction"]))
+             sport=key["dport"], dport=key["sport"], direction=_flip(key["direction"]),
+             ingress_if=key["egress_if"], egress_if=key["ingress_if"])
     return b
 
 
@@ -163,9 +172,11 @@ def streams(draw, max_conversations=4):
     """A packet stream over a few conversations (both sides), cut into batches with optional clock ticks."""
     convs = draw(st.lists(st.tuples(st.sampled_from([6, 6, 6, 17, 1, 50]),
                                     st.sampled_from([DIR_INGRESS, DIR_EGRESS, DIR_UNKNOWN]),
-                                    st.booleans(), st.sampled_from([0, 129])),
+                                    st.booleans(), st.sampled_from([0, 129]),
+                                    st.sampled_from([(3, 5), (7, 0), (1, 1), (0, 0)])),
                           min_size=1, max_size=max_conversations))
-    keys = [conversation(i, proto, d, v6, fwd_status=fwd) for i, (proto, d, v6, fwd) in enumerate(convs)]
+    keys = [conversation(i, proto, d, v6, ingress_if=ifs[0], egress_if=ifs[1], fwd_status=fwd)
+            for i, (proto, d, v6, fwd, ifs) in enumerate(convs)]
     n = draw(st.integers(1, 60))
     t = T0
     rows, cuts = [], []
@@ -173,7 +184,9 @@ def streams(draw, max_conversations=4):
         t += draw(st.sampled_from(GAPS))
         key = keys[draw(st.integers(0, len(keys) - 1))]
         if draw(st.booleans()):
-            key = backward(key)
+            # the reverse side; sometimes on the same interfaces (a source that sees one side only)
+            key = backward(key) if draw(st.booleans()) else dict(backward(key), ingress_if=key["ingress_if"],
+                                                                  egress_if=key["egress_if"])
         flags, l3, tos = draw(st.sampled_from(FLAGS)), draw(st.integers(20, 1500)), draw(st.sampled_from([0, 0xB8]))
         rows.append(pkt(key, t, flags, l3, tos))
         # After this packet: None = same batch; 0 = new batch; else new batch and a clock tick that much later.
@@ -608,7 +621,8 @@ def test_keys_differing_in_any_field_are_different_flows():
     base = conversation(1, proto=6, direction=DIR_EGRESS)
     variants = [base] + [dict(base, **{name: value}) for name, value in (
         ("ip_version", 6), ("proto", 17), ("src_hi", 1), ("src_lo", 1), ("dst_hi", 1), ("dst_lo", 1),
-        ("sport", 1), ("dport", 1), ("icmp", 1), ("direction", DIR_UNKNOWN), ("fwd_status", 129), ("ifindex", 9))]
+        ("sport", 1), ("dport", 1), ("icmp", 1), ("direction", DIR_UNKNOWN), ("fwd_status", 129), ("ingress_if", 9),
+        ("egress_if", 9))]
     table = FlowTable(100, 60 * S, 0)
     table.update(packet_rows([pkt(v, T0 + i) for i, v in enumerate(variants)]))
     assert table.active == len(variants) == len(KEY) + 1

@@ -5,7 +5,8 @@ import ipaddress
 
 import numpy as np
 
-from exporter.template import FLOW_DTYPES
+from exporter.template import FLOW_DTYPES, FLOW_LAYOUTS
+from flowmeter.ipc.packets import ICMP_NO_TYPE
 from workers.records import FLOW_RECORD_DTYPE, to_template_batches
 
 
@@ -56,7 +57,8 @@ def _reference(r: np.ndarray, family: int, klass: str) -> np.ndarray:
     if klass == "icmp":
         t[f"icmpTypeCodeIPv{family}"] = r["icmp"]
     t["protocolIdentifier"], t["ipClassOfService"], t["flowDirection"] = r["proto"], r["tos"], r["direction"]
-    t["flowEndReason"], t["ingressInterface"] = r["end_reason"], r["ifindex"]
+    t["flowEndReason"], t["ingressInterface"] = r["end_reason"], r["ingress_if"]
+    t["egressInterface"] = r["egress_if"]
     t["forwardingStatus"] = np.where(r["fwd_status"] == 0, 64, r["fwd_status"])
     return t
 
@@ -70,6 +72,7 @@ def test_every_field_of_random_records_lands_where_the_template_says():
     r["ip_version"] = rng.choice([4, 6], len(r))
     r["proto"] = rng.choice([1, 6, 17, 33, 47, 50, 58, 132, 136], len(r))
     r["fwd_status"] = rng.choice([0, 129, 130], len(r))
+    r["sport"][rng.random(len(r)) < 0.1] = ICMP_NO_TYPE
     out = to_template_batches(r)
     assert sum(len(t) for _, t in out) == len(r)
     classes = {"tcp": {6}, "udp": {17, 33, 132, 136}}
@@ -77,6 +80,39 @@ def test_every_field_of_random_records_lands_where_the_template_says():
         family, klass = int(name[3]), name.split("_")[1]
         icmp = {1} if family == 4 else {58}
         protos = classes.get(klass, icmp if klass == "icmp" else None)
-        mine = r[(r["ip_version"] == family) & (np.isin(r["proto"], list(protos)) if protos else
-                                                ~np.isin(r["proto"], [6, 17, 33, 132, 136, 1 if family == 4 else 58]))]
+        untyped = np.isin(r["proto"], list(icmp)) & (r["sport"] == ICMP_NO_TYPE)
+        if klass == "icmp":
+            chosen = np.isin(r["proto"], list(icmp)) & ~untyped
+        elif protos:
+            chosen = np.isin(r["proto"], list(protos))
+        else:
+            chosen = ~np.isin(r["proto"], [6, 17, 33, 132, 136, 1 if family == 4 else 58]) | untyped
+        mine = r[(r["ip_version"] == family) & chosen]
         assert t.tobytes() == _reference(mine, family, klass).tobytes(), name
+
+
+def test_every_flow_template_carries_ingress_and_egress_interface_filled_from_the_record():
+    for name, layout in FLOW_LAYOUTS.items():
+        names = [e.name for e in layout]
+        assert names.index("egressInterface") == names.index("ingressInterface") + 1, name
+    r = np.zeros(4, FLOW_RECORD_DTYPE)
+    r["ip_version"], r["proto"] = [4, 4, 6, 6], [6, 1, 17, 47]
+    r["ingress_if"], r["egress_if"] = [3, 0, 2**32 - 1, 7], [0, 4, 1, 9]
+    got = {name: (int(t["ingressInterface"][0]), int(t["egressInterface"][0])) for name, t in to_template_batches(r)}
+    assert got == {"ipv4_tcp": (3, 0), "ipv4_icmp": (0, 4), "ipv6_udp": (2**32 - 1, 1), "ipv6_other": (7, 9)}
+
+
+def test_icmp_flows_of_unknown_type_are_exported_without_any_type():
+    """Later fragments whose first fragment was not seen (sport ICMP_NO_TYPE): the "other"
+    template, so that no collector reads type 0 code 0, an echo reply."""
+    r = np.zeros(4, FLOW_RECORD_DTYPE)
+    r["ip_version"], r["proto"] = [4, 4, 6, 6], [1, 1, 58, 58]
+    r["sport"] = [ICMP_NO_TYPE, 0, ICMP_NO_TYPE, 0]
+    r["icmp"] = [0, 0x0800, 0, 0x8000]
+    r["packets"] = [1, 2, 3, 4]
+    out = dict(to_template_batches(r))
+    assert sorted(out) == ["ipv4_icmp", "ipv4_other", "ipv6_icmp", "ipv6_other"]
+    assert "icmpTypeCodeIPv4" not in out["ipv4_other"].dtype.names
+    assert (out["ipv4_other"]["protocolIdentifier"][0], out["ipv4_other"]["packetDeltaCount"][0]) == (1, 1)
+    assert (out["ipv6_other"]["protocolIdentifier"][0], out["ipv6_other"]["packetDeltaCount"][0]) == (58, 3)
+    assert out["ipv4_icmp"]["icmpTypeCodeIPv4"][0] == 0x0800 and out["ipv6_icmp"]["icmpTypeCodeIPv6"][0] == 0x8000

@@ -58,10 +58,15 @@ class RecordBatch:
 
     Record *i* is ``buf[offset[i] : offset[i] + caplen[i]]``, captured at
     ``ts_ns[i]`` (ns since the UNIX epoch) from a frame of ``origlen[i]``
-    octets on link type ``linktype[i]``; ``ifindex`` is the pcapng interface
-    id + 1 (0 for pcap), ``direction`` DIR_INGRESS / DIR_EGRESS from pcapng
-    packet flags, else DIR_UNKNOWN. ``first_packet`` is the file-wide index
-    of record 0.
+    octets on link type ``linktype[i]``; ``ifindex`` is the interface it
+    was captured on (the AF_PACKET interface's kernel index, the pcapng
+    interface's number, 1 for classic pcap, the feed's peer; 0 unknown) and
+    ``direction`` the side it crossed that interface: DIR_INGRESS received,
+    DIR_EGRESS sent (AF_PACKET packet type, pcapng packet flags), else
+    DIR_UNKNOWN. The decoder exports ``ifindex`` as ingressInterface or
+    egressInterface by that side (ingress when unknown), unless the link
+    header names the interfaces itself (SLL2, NFLOG). ``first_packet`` is
+    the file-wide index of record 0.
     """
     buf: npt.NDArray[np.uint8]
     offset: npt.NDArray[np.uint64]

@@ -19,7 +19,9 @@ contract, with a worked example)::
 ``read`` yields ``PACKET_DTYPE`` rows (all valid): header frames are decoded
 by ``decode.decode_batch`` as raw IP records (LINKTYPE_RAW), one call per
 message; direction, forwardingStatus (verdict, reason through the
-``DropPrefixes`` prefixes) and ``ifindex`` (peer) come from the frame.
+``DropPrefixes`` prefixes) and the interfaces come from the frame: each peer
+is an interface of its own, ``ingress_if`` of what came from it ("in"),
+``egress_if`` of what is sent to it ("out"; 0 when the frame was dropped).
 
 Nothing a sender does raises out of ``read``: a message of the wrong shape
 is dropped whole, a bad frame alone; each is counted by cause

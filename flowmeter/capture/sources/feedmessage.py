@@ -18,7 +18,7 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from flowmeter.capture.decode import LINKTYPE_RAW, decode_batch
+from flowmeter.capture.decode import LINKTYPE_RAW, FragmentMemory, decode_batch
 from flowmeter.capture.direction import DirectionPolicy
 from flowmeter.capture.sources import RecordBatch
 from flowmeter.ipc.packets import (DROP_REASONS, DIR_EGRESS, DIR_INGRESS, FORWARDED, FWD_DROPPED_ACL_DENY, PACKET_DTYPE,
@@ -46,7 +46,7 @@ FRAME_KEYS = frozenset(("t", "dir", "verdict", "reason", "peer", "ip", "len", "s
                         "sport", "dport", "tos", "tcp_flags", "icmp_type", "icmp_code"))
 _REASON_NAMES = {name.lower(): code for name, code in DROP_REASONS.items()}
 _REASON_CACHE = 256  # distinct reasons remembered; an agent sends a handful
-_ROW = struct.Struct("<5Q2I3H6B")  # one PACKET_DTYPE row, field by field
+_ROW = struct.Struct("<5Q3I3H6B")  # one PACKET_DTYPE row, field by field
 assert _ROW.size == PACKET_DTYPE.itemsize
 _TCP_ENDPOINT = re.compile(r"tcp://(?:\[[^\]]+\]|[^:/\[\]]+):(\d{1,5})")
 
@@ -157,6 +157,7 @@ class FeedDecoder:
         self._agents: set[str] = set()
         self._latest_t = 0
         self._counts: dict[str, int] = {"messages": 0, "frames": 0}
+        self._fragments = FragmentMemory()  # the agent's frames are one stream (ICMP fragments)
 
     def counters(self) -> dict[str, int]:
         """``messages`` received, ``frames`` turned into rows, ``dropped messages: CAUSE``,
@@ -277,11 +278,13 @@ class FeedDecoder:
         given = rows["l3_bytes"][at]  # "len", or 0
         batch = RecordBatch(np.frombuffer(b"".join(headers), np.uint8), offset, caplen,
                             np.maximum(given, caplen), rows["ts_ns"][at], np.full(n, LINKTYPE_RAW, np.uint16),
-                            rows["ifindex"][at], rows["direction"][at])
+                            np.zeros(n, np.uint32), rows["direction"][at])
         decoded = np.empty(n, PACKET_DTYPE)
         status = np.empty(n, np.uint8)
-        decode_batch(batch, decoded, status)
+        decode_batch(batch, decoded, status, self._fragments)
         decoded["fwd_status"] = rows["fwd_status"][at]
+        decoded["ingress_if"] = rows["ingress_if"][at]  # the peer, as _pack_frame placed it
+        decoded["egress_if"] = rows["egress_if"][at]
         decoded["l3_bytes"] = np.where(given > 0, given, decoded["l3_bytes"])  # the agent's "len" wins
         rows[at] = decoded
         bad = status != ST_OK
@@ -322,6 +325,8 @@ class FeedDecoder:
         peer = get("peer", 0)
         if type(peer) is not int or not 0 <= peer <= U32:
             raise SchemaError(BAD_PEER)
+        # Each peer is an interface of its own: "in" came from it, "out" leaves to it (unless dropped).
+        in_if, out_if = (peer, 0) if d == "in" else (0, peer if fwd == FORWARDED else 0)
         length = get("len")
         if length is not None and (type(length) is not int or not 0 < length <= U32):
             raise SchemaError(BAD_LEN)
@@ -331,7 +336,7 @@ class FeedDecoder:
                 raise SchemaError(BAD_IP)
             if "src" in f or "dst" in f:
                 raise SchemaError(TWO_FORMS)
-            _ROW.pack_into(buf, i * _ROW.size, t, 0, 0, 0, 0, length or 0, peer, 0, 0, 0, 0, 0, 0, 0,
+            _ROW.pack_into(buf, i * _ROW.size, t, 0, 0, 0, 0, length or 0, in_if, out_if, 0, 0, 0, 0, 0, 0, 0,
                            DIRECTIONS[d], fwd)
             return ip
         src, dst = get("src"), get("dst")
@@ -355,7 +360,8 @@ class FeedDecoder:
                 or ((icmp_type or icmp_code) and proto != ICMP_PROTOCOL[len(src)])):
             raise SchemaError(OTHER_PROTOCOL)
         s, dd = int.from_bytes(src, "big"), int.from_bytes(dst, "big")
-        _ROW.pack_into(buf, i * _ROW.size, t, s >> 64, s & U64, dd >> 64, dd & U64, length, peer, sport, dport,
+        _ROW.pack_into(buf, i * _ROW.size, t, s >> 64, s & U64, dd >> 64, dd & U64, length, in_if, out_if, sport,
+                       dport,
                        (icmp_type << 8) | icmp_code, 4 if len(src) == 4 else 6, proto, flags, tos,
                        DIRECTIONS[d], fwd)
         return None

@@ -219,13 +219,14 @@ def packet_flags_direction(buf, p, end, big):
 
 @njit
 def walk_pcapng_blocks(buf, start, end, big, max_caplen, n0, max_n, last_ts,
-                       if_linktype, if_snaplen, if_units, if_binexp, if_offset_ns,
+                       if_linktype, if_snaplen, if_units, if_binexp, if_offset_ns, if_first,
                        offset, caplen, origlen, ts_ns, linktype, ifindex, direction):
     """Fill the record arrays from ``n0`` with the packets of pcapng blocks at ``buf[start:end]``.
 
     Handles EPB, SPB and PB; skips other known and unknown block types;
     stops with STOP_BLOCK at an SHB or IDB (the caller parses it and calls
-    again). ``if_*`` are the current section's interfaces. ``last_ts`` is the
+    again). ``if_*`` are the current section's interfaces, ``if_first`` the
+    number its interface 0 gets (see ``CaptureFile``). ``last_ts`` is the
     previous packet's time (SPBs have none). Returns (records written, offset
     reached, STOP_*, last_ts).
     """
@@ -271,7 +272,7 @@ def walk_pcapng_blocks(buf, start, end, big, max_caplen, n0, max_n, last_ts,
             origlen[n] = load_u32(buf, p + 24, big)
             ts_ns[n] = last_ts
             linktype[n] = if_linktype[iface]
-            ifindex[n] = iface + 1
+            ifindex[n] = if_first + iface
             direction[n] = packet_flags_direction(buf, data + ((incl + 3) & ~3), body_end, big)
             n += 1
         elif btype == PCAPNG_SPB:
@@ -290,7 +291,7 @@ def walk_pcapng_blocks(buf, start, end, big, max_caplen, n0, max_n, last_ts,
             origlen[n] = orig
             ts_ns[n] = last_ts
             linktype[n] = if_linktype[0]
-            ifindex[n] = 1
+            ifindex[n] = if_first
             direction[n] = DIR_UNKNOWN
             n += 1
         p += blen
@@ -329,6 +330,15 @@ class CaptureFile:
     ``buf`` (the mapped file), ``packets_read``, ``bytes_read`` (file offset
     reached), ``error`` (one line, or None) and ``complete`` (True once the
     walk reached the end of the file without error).
+
+    Interfaces (``RecordBatch.ifindex``, exported as ingressInterface or
+    egressInterface by the record's direction): a classic pcap file has one,
+    numbered 1. In a pcapng file the interface description blocks are
+    numbered from 1 in file order, section after section: interface ID i of
+    a section is i + 1 plus the interfaces of the sections before it, so one
+    number always means one interface block of the file (sections of
+    concatenated captures do not share numbers); it is Wireshark's
+    ``frame.interface_id`` + 1.
     """
 
     def __init__(self, path: str | os.PathLike, data: bytes | None = None):
@@ -395,7 +405,7 @@ class CaptureFile:
             self.buf, self.bytes_read, self.size, self._big, self._frac_ns, MAX_CAPLEN, 0, capacity,
             cols.offset, cols.caplen, cols.origlen, cols.ts_ns)
         cols.linktype[:n] = self.linktype
-        cols.ifindex[:n] = 0
+        cols.ifindex[:n] = 1  # the file's one interface
         cols.direction[:n] = DIR_UNKNOWN
         if stop != STOP_FULL:
             self._finish(stop, self.packets_read + n)
@@ -407,6 +417,7 @@ class CaptureFile:
         self.linktype = None
         self.snaplen = None
         self._interfaces: list[_Interface] = []
+        self._if_first = 1  # the interface number of the current section's interface 0
         self._last_ts = np.uint64(0)
         cause = self._read_shb(0)
         if cause:
@@ -437,6 +448,7 @@ class CaptureFile:
             return f"pcapng section header at offset {p}: trailing block length differs from {length}"
         self._order = order
         self._big = order == ">"
+        self._if_first += len(self._interfaces)  # a new section numbers its interfaces after the last's
         self._interfaces = []
         self.bytes_read = p + length
         return None
@@ -468,11 +480,11 @@ class CaptureFile:
         self.bytes_read = p + length
         return None
 
-    def _interface_tables(self) -> tuple[np.ndarray, ...]:
+    def _interface_tables(self) -> tuple:
         ifs = self._interfaces
         return (np.array([i.linktype for i in ifs], np.uint16), np.array([i.snaplen for i in ifs], np.int64),
                 np.array([i.units for i in ifs], np.int64), np.array([i.binary_exponent for i in ifs], np.int64),
-                np.array([i.offset_ns % (1 << 64) for i in ifs], np.uint64))
+                np.array([i.offset_ns % (1 << 64) for i in ifs], np.uint64), self._if_first)
 
     def _fill_pcapng(self, cols: Columns, capacity: int) -> int:
         n = 0
