@@ -17,6 +17,7 @@ import zmq
 
 from exporter import exporting, process
 from exporter.exporting import ExportSettings
+from exporter.template import STATS_NAME, default_registry
 from exporter.transport import FILE_RETRY_S, CollectorAddress
 from flowmeter.ipc.counters import ExporterCounters
 from flowmeter.ipc.schema import EndOfStream, Report, parse_control, records_message
@@ -27,7 +28,8 @@ from tests.support.synthetic import synthetic_records
 
 # How long the black-holed collector is behind (the scenario is 60 s; CI runs a short one).
 BLACKHOLE_SECONDS = float(os.environ.get("FLOWMETER_BLACKHOLE_SECONDS", "12"))
-STATS_TID = 264
+TEMPLATES = default_registry()
+STATS_TID = TEMPLATES[STATS_NAME].template_id
 
 
 def _exporter_main(settings: ExportSettings, endpoint: str, control: str) -> None:
@@ -150,7 +152,7 @@ def test_a_disk_that_fills_up_loses_only_that_files_records_and_writing_resumes(
     assert file_c.errors == {"ENOSPC": file_c.not_sent_messages}
     assert "No space left on device" in file_c.last_error
     # written again once there was room: every record of phase 2, after templates again
-    assert sum(r["_tid"] == 261 for r in flows) == 200
+    assert sum(r["_tid"] == TEMPLATES["ipv6_udp"].template_id for r in flows) == 200
     kinds = "".join(k for k, _, _ in messages)
     assert kinds.count("T") >= 3  # domain 1 at the start and after the failure, domain 0 for statistics
     # the file's own statistics record says the same
