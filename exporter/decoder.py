@@ -259,6 +259,7 @@ class DecoderStats:
 
     messages: int = 0  # messages decoded or rejected (a truncated stream tail included)
     records: int = 0  # data records returned (options data records included)
+    options_records: int = 0  # of which options data records (statistics, sampling, interface names)
     templates: int = 0  # template records received (refreshes included)
     options_templates: int = 0  # options template records received
     withdrawals: int = 0  # template withdrawal records (RFC 7011 §8.1)
@@ -303,6 +304,7 @@ class Decoder:
             self.stats.malformed += 1
             self.stats.last_error = f"{describe_source(source)}: {exc}"
         self.stats.records += len(out)
+        self.stats.options_records += sum(r.is_options for r in out)
         return out
 
     def iter_stream(self, stream: bytes | bytearray | memoryview | BinaryIO, source: Hashable = None) -> Iterator[list[DecodedRecord]]:

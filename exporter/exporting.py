@@ -83,9 +83,11 @@ from typing import Callable
 import numpy as np
 import numpy.typing as npt
 
+from . import options
 from .message import HEADER_LEN, SET_HEADER_LEN, Message, encode, message_rows, recut
+from .options import InterfaceSpec
 from .session import QUEUE_FULL, Outgoing, Session
-from .template import STATS_NAME, Template, TemplateRegistry, default_registry
+from .template import INTERFACES_NAME, SAMPLING_NAME, STATS_NAME, Template, TemplateRegistry, default_registry
 from .transport import FILE_RETRY_S, SEND_BUFFER, CollectorAddress, open_transport
 
 STATS_DOMAIN = 0  # RFC 7011 §4: exporter-wide records go in messages with ODID 0
@@ -118,6 +120,14 @@ class ExportSettings:
     # capture on the exporting host (loopback, NICs with UDP segmentation offload) sees each
     # send as one large packet holding several messages; False sends one message per call.
     segmented_sends: bool = True
+    # Options records that describe the export (``exporter/options.py``): sampling and interface
+    # names. Off here, for library use and the exporter's own tests; a profile's OptionsRecords
+    # defaults to on (``flowmeter/config.py``).
+    options_records: bool = False
+    # what the interface indexes are called: the profile's map, and whether the kernel's names apply
+    # (the run meters live interfaces of this host)
+    interfaces: tuple[InterfaceSpec, ...] = ()
+    kernel_interface_names: bool = False
 
 
 def _total(column: npt.NDArray) -> int:
@@ -142,6 +152,8 @@ class ExportingProcess:
         self._template_messages: dict[tuple[int, int], list[Outgoing]] = {}  # (domain, size) -> messages
         self._by_id: dict[int, Template] = {}  # templates by id, for cutting messages again
         self._flow_domains: set[int] = set()
+        self.interfaces = options.Interfaces(settings.interfaces, settings.kernel_interface_names)
+        self._options_messages: dict[int, list[Outgoing]] = {}  # domain -> its interface records' messages
         self._init_ms = int(time.time() * 1000)
         # packets metered and then lost inside flowmeter, as known so far (a worker that died with its
         # flows, ...): the supervisor's count, for ignoredPacketTotalCount (0 without a supervisor)
@@ -186,7 +198,11 @@ class ExportingProcess:
 
     # --- templates ------------------------------------------------------
     def _templates_for(self, domain: int) -> list[Template]:
-        out = [t for t in self.registry if not t.is_options] if domain in self._flow_domains else []
+        out = []
+        if domain in self._flow_domains:
+            out = [t for t in self.registry if not t.is_options]
+            if self.settings.options_records:
+                out += [self.registry[SAMPLING_NAME], self.registry[INTERFACES_NAME]]
         if domain == STATS_DOMAIN:
             out.append(self.registry[STATS_NAME])
         return out
@@ -225,8 +241,25 @@ class ExportingProcess:
                     refused = True
                     break
             if not refused:
-                return True
+                return self._send_options(session, domain, now)
         return False
+
+    def _send_options(self, session: Session, domain: int, now: float) -> bool:
+        """After a flow domain's templates: its ``sampling`` record and the names of the interfaces
+        met so far (``exporter/options.py``); False when one did not leave."""
+        if domain not in self._flow_domains or not self.settings.options_records:
+            return True
+        outs = options.messages(self.registry[SAMPLING_NAME], [options.sampling_record(session.header(domain))],
+                                domain)
+        cached = self._options_messages.get(domain)
+        if cached is None:
+            cached = self._options_messages[domain] = options.messages(
+                self.registry[INTERFACES_NAME], self.interfaces.all_records(), domain)
+        for out in (*outs, *cached):
+            sent, _ = session.send(out, 0, 1, now)
+            if not sent:
+                return False
+        return True
 
     def reload(self, settings: ExportSettings | None = None) -> list[str]:
         """Apply new settings (collectors, sizes, periods, pacing); templates go out again at once.
@@ -276,6 +309,12 @@ class ExportingProcess:
             if settings.max_message != self.settings.max_message:
                 self._open.clear()
                 self._scratch = Message(settings.max_message)
+            if (settings.interfaces, settings.kernel_interface_names) != (self.interfaces.specs and tuple(
+                    self.interfaces.specs.values()), self.interfaces.kernel):
+                known = self.interfaces.known  # every index met so far, named anew
+                self.interfaces = options.Interfaces(settings.interfaces, settings.kernel_interface_names)
+                self.interfaces.known = {i: self.interfaces.record_for(i) if i else None for i in known}
+                self._options_messages.clear()
             self.settings = settings
         now = time.monotonic()
         for s in self.sessions:
@@ -295,12 +334,23 @@ class ExportingProcess:
             now = time.monotonic()
         if domain not in self._flow_domains and not template.is_options:
             self._flow_domains.add(domain)
-            self._template_messages.pop(domain, None)
+            for key in [k for k in self._template_messages if k[0] == domain]:  # made before it had flows
+                del self._template_messages[key]
         n = len(records)
         self.batches_in += 1
         self.records_in += n
         if n == 0:
             return
+        named = self.interfaces.seen(records) if self.settings.options_records else None
+        if named:  # an interface met for the first time: its name goes before the data that carries it
+            self._options_messages.clear()
+            for d in self._flow_domains:
+                outs = options.messages(self.registry[INTERFACES_NAME], named, d)
+                for s in self.sessions:
+                    if not s.templates_due(d, now):  # else the names go with its templates, these among them
+                        for out in outs:
+                            s.enqueue(out)
+        records = self.interfaces.renumber(records)
         wire = encode(template, records)
         rl = template.record_length
         for s in self.sessions:

@@ -167,6 +167,9 @@ ipDiffServCodePoint        195 unsigned8            1
 paddingOctets              210 octetArray       65535
 firewallEvent              233 unsigned8            1
 dot1qVlanId                243 unsigned16           2
+selectorAlgorithm          304 unsigned16           2
+samplingPacketInterval     305 unsigned32           4
+samplingPacketSpace        306 unsigned32           4
 observationTimeSeconds     322 dateTimeSeconds      4
 observationTimeMilliseconds 323 dateTimeMilliseconds 8
 observationTimeMicroseconds 324 dateTimeMicroseconds 8

@@ -134,6 +134,9 @@ class Outgoing:
     octets: npt.NDArray[np.uint64] | list[int] | None = None
     templates: bool = False
     statistics: bool = False
+    # options records that describe the export (sampling, interface names: ``exporter/options.py``),
+    # sent with the templates: they do not count towards a template refresh by messages
+    describes: bool = False
 
     @property
     def count(self) -> int:
@@ -455,7 +458,7 @@ class Session:
                 c.template_messages += sent
                 st.templates_sent_at = now
                 st.messages_since_templates = 0
-            else:
+            elif not out.describes:
                 st.messages_since_templates += sent
             if self.bucket is not None:
                 self.bucket.take(sent)

@@ -202,6 +202,18 @@ STATS_LAYOUT = _els(
 )
 STATS_SCOPE_COUNT = 1
 
+# Options records that describe the export (``exporter/options.py``), sent in every flow domain.
+# Sampling (RFC 5477 elements, RFC 7011 §4-style scope): every packet is metered, so systematic
+# count-based selection (RFC 5475 algorithm 1) of 1 packet in every 1, none skipped; the scope is
+# the observation domain. selectorAlgorithm is reduced to 1 octet, the length nfdump reads.
+SAMPLING_NAME = "sampling"
+SAMPLING_LAYOUT = (IE["observationDomainId"], IE["selectorAlgorithm"].with_length(1),
+                   IE["samplingPacketInterval"], IE["samplingPacketSpace"])
+# Interface names: one record per interface index seen in the flow records, scoped by it.
+INTERFACES_NAME = "interfaces"
+INTERFACES_LAYOUT = (IE["ingressInterface"], IE["interfaceName"], IE["interfaceDescription"])
+OPTIONS_SCOPE_COUNT = 1
+
 # the id a layout-less Template gets where only its dtype is wanted (FLOW_DTYPES below)
 FIRST_TEMPLATE_ID = MIN_DATA_SET_ID
 _ID_SPACE = 0x10000 - MIN_DATA_SET_ID
@@ -267,11 +279,14 @@ class TemplateRegistry:
 
 
 def default_registry() -> TemplateRegistry:
-    """The registry with this project's flow templates and the statistics template."""
+    """The registry with this project's flow templates, the statistics template and the options
+    templates that describe the export (sampling, interface names)."""
     reg = TemplateRegistry()
     for name, layout in FLOW_LAYOUTS.items():
         reg.define(name, layout)
     reg.define(STATS_NAME, STATS_LAYOUT, STATS_SCOPE_COUNT)
+    reg.define(SAMPLING_NAME, SAMPLING_LAYOUT, OPTIONS_SCOPE_COUNT)
+    reg.define(INTERFACES_NAME, INTERFACES_LAYOUT, OPTIONS_SCOPE_COUNT)
     return reg
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from exporter.exporting import EXPORT_RATE, ExportSettings
+from exporter.options import DESCRIPTION_OCTETS, NAME_OCTETS, InterfaceSpec
 from exporter.transport import SEND_BUFFER, CollectorAddress
 
 from flowmeter.capture.sources import KINDS, SourceSpec
@@ -268,6 +269,57 @@ def _networks(items: list[Any]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6N
     return tuple(out)
 
 
+INTERFACE_KEYS = ("Name", "Description", "Index")
+INTERFACES_ACCEPTS = 'an object of interface indexes, e.g. {"3": {"Name": "wg0", "Description": "overlay"}}'
+
+
+def _interfaces(value: dict[str, Any]) -> tuple[InterfaceSpec, ...]:
+    """``{"INDEX": {"Name": ..., "Description": ..., "Index": N}}``: what an interface index is called
+    in the options records, and the number it gets on export (``exporter/options.py``)."""
+    specs: list[InterfaceSpec] = []
+    exported: dict[int, str] = {}  # number on export -> the key that gives it
+    for key, item in value.items():
+        where = f".{key}"
+        if not (key.isdigit() and 1 <= int(key) <= UINT32_MAX):
+            raise _Rejected(f"{_show(key)} is not an interface index (1 to {UINT32_MAX}, as a string)", where)
+        if not isinstance(item, dict):
+            raise _Rejected(f"{_show(item)} is not an object with Name, Description or Index", where)
+        for k in item:
+            if k not in INTERFACE_KEYS:
+                close = difflib.get_close_matches(str(k), INTERFACE_KEYS, n=1)
+                hint = f"did you mean {close[0]}?" if close else "known keys are " + ", ".join(INTERFACE_KEYS)
+                raise _Rejected(f"unknown key; {hint}", f"{where}.{k}")
+        name, description = item.get("Name", ""), item.get("Description", "")
+        for k, text, limit in (("Name", name, NAME_OCTETS), ("Description", description, DESCRIPTION_OCTETS)):
+            if not isinstance(text, str) or len(text.encode("utf-8")) > limit or any(c < " " for c in text):
+                raise _Rejected(f"{_show(text)} is not a string of at most {limit} octets without control "
+                                "characters", f"{where}.{k}")
+        number = item.get("Index", 0)
+        if "Index" in item and not (_is_json_type(number, int) and 1 <= number <= UINT32_MAX):
+            raise _Rejected(f"{_show(number)} is not an interface index from 1 to {UINT32_MAX}", f"{where}.Index")
+        index = int(key)
+        out = number or index
+        if out in exported:
+            raise _Rejected(f"exports as {out}, as {exported[out]} does", where)
+        exported[out] = key
+        specs.append(InterfaceSpec(index, name, description, number if number != index else 0))
+    return tuple(sorted(specs, key=lambda s: s.index))
+
+
+def _interfaces_dump(specs: tuple[InterfaceSpec, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for s in specs:
+        entry: dict[str, Any] = {}
+        if s.name:
+            entry["Name"] = s.name
+        if s.description:
+            entry["Description"] = s.description
+        if s.export_index:
+            entry["Index"] = s.export_index
+        out[str(s.index)] = entry
+    return out
+
+
 def _drop_prefixes(mapping: dict[str, Any]) -> tuple[tuple[str, int], ...]:
     """NFLOG log prefix -> forwardingStatus of a frame dropped by policy (RFC 7270: 128-191)."""
     out = []
@@ -410,6 +462,13 @@ SETTINGS: tuple[Setting, ...] = (
             "an object of log prefix: reason",
             "NFLOG log prefixes (matched case-insensitively at the start) of frames dropped by policy, "
             "with their forwardingStatus reason", _drop_prefixes, _drop_prefixes_json),
+    Setting("OptionsRecords", "options_records", bool, True, "true or false",
+            "send the options records that describe the export to every collector: sampling (every "
+            "packet metered) and interface names"),
+    Setting("Interfaces", "interfaces", dict, {}, INTERFACES_ACCEPTS,
+            "names and descriptions of interface indexes for the collectors (options records), and an "
+            "index's number on export (Index); live interfaces are named by the kernel without it",
+            _interfaces, _interfaces_dump),
 )
 KEYS = tuple(s.key for s in SETTINGS)
 RESTART_KEYS = tuple(s.key for s in SETTINGS if s.restart)  # a reload leaves these as they run
@@ -443,6 +502,8 @@ class Profile:
     max_flows: int
     local_networks: tuple
     drop_prefixes: tuple[tuple[str, int], ...]
+    options_records: bool
+    interfaces: tuple[InterfaceSpec, ...]
     source: str  # the profile's path, or what the caller called it
 
     @property
@@ -483,6 +544,10 @@ class Profile:
             exporting_process_id=self.exporting_process_id,
             export_rate=self.export_rate,
             socket_buffer=self.export_socket_buffer,
+            options_records=self.options_records,
+            interfaces=self.interfaces,
+            # the kernel's names apply to the indexes of live interfaces of this host
+            kernel_interface_names=any(spec.kind in ("afpacket", "nflog") for spec in self.sources),
         )
 
 

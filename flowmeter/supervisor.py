@@ -39,6 +39,7 @@ child's error: it never hangs.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import ipaddress
 import json
@@ -313,9 +314,9 @@ class Supervisor:
             return load_profile(copy)
 
         self._recipe("exporter", "exporter", exporter_process.run,
-                     (exporter_process.ExporterSettings(export_settings(p), producers=self.workers),
+                     (exporter_process.ExporterSettings(export_settings(p, bool(opened)), producers=self.workers),
                       exporter_process.ExporterEndpoints(ep_export, control),
-                      exporter_process.ExporterHandover(lambda: export_settings(reloaded()),
+                      exporter_process.ExporterHandover(lambda: export_settings(reloaded(), bool(opened)),
                                                         ignored=lambda: int(ignored[0]))))
         producers = self.captures + len(opened)
         for i in range(self.workers):
@@ -517,9 +518,16 @@ def _how(c: ChildInfo) -> str:
 
 # --- what each stage gets from the profile (at start, and again on a reload) ---
 
-def export_settings(p: Profile) -> ExportSettings:
-    """The exporter's settings: the profile's, or no collector at all when ``Enabled`` is false."""
-    return p.export_settings() if p.enabled else ExportSettings(collectors=())
+def export_settings(p: Profile, live: bool = True) -> ExportSettings:
+    """The exporter's settings: the profile's, or no collector at all when ``Enabled`` is false.
+
+    ``live``: the run meters live sources (the kernel names their interfaces); a replay of capture
+    files does not, whatever the profile's Sources say.
+    """
+    if not p.enabled:
+        return ExportSettings(collectors=())
+    settings = p.export_settings()
+    return settings if live else dataclasses.replace(settings, kernel_interface_names=False)
 
 
 def exclusions(p: Profile) -> tuple:

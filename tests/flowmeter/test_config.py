@@ -154,7 +154,8 @@ def test_empty_flow_metadata_gives_defaults(tmp_path: Path) -> None:
         export_socket_buffer=4 << 20, sources=(), fanout=1, snap_length=256, capture_filter="",
             meter_export=False, user="", drain_timeout_s=5.0, workers=0, idle_timeout_ms=15000,
         max_flows=1_000_000, local_networks=(),
-        drop_prefixes=(("drop", 129), ("deny", 129), ("reject", 130)), source=str(path))
+        drop_prefixes=(("drop", 129), ("deny", 129), ("reject", 130)), options_records=True, interfaces=(),
+        source=str(path))
 
 
 def test_other_top_level_keys_are_ignored() -> None:
@@ -230,7 +231,7 @@ def test_export_settings_carry_the_exporter_settings() -> None:
     assert profile.export_settings() == ExportSettings(
         collectors=(CollectorAddress(kind="udp", host="127.0.0.1", port=4739),),
         max_message=1400, refresh_s=10.0, refresh_messages=5, stats_interval_s=1.5,
-        exporting_process_id=99, export_rate=2000, socket_buffer=1 << 20)
+        exporting_process_id=99, export_rate=2000, socket_buffer=1 << 20, options_records=True)
 
 
 def test_export_pacing_is_on_by_default_in_a_profile() -> None:

@@ -56,6 +56,17 @@ def by_key(rows: list[dict]) -> dict[tuple, dict]:
     return dict(out)
 
 
+def interface_names(ipfix) -> dict[int, tuple[str, str]]:
+    """index -> (interfaceName, interfaceDescription) of the interface options records, as ipfixDump reads
+    them; each must be scoped by ingressInterface and appear once."""
+    names = [x for x in ipfixdump_records(ipfix) if "interfaceName" in x]
+    assert all(x["_scope"] == ["ingressInterface"] for x in names), names
+    text = (lambda v: v.split(") ", 1)[1] if ") " in v else "")  # "(len: N) TEXT"
+    out = {int(x["ingressInterface"]): (text(x["interfaceName"]), text(x["interfaceDescription"])) for x in names}
+    assert len(out) == len(names), names
+    return out
+
+
 def udp_send(namespace: str, src: str, sport: int, dst: str, dport: int, sizes) -> None:
     family = socket.AF_INET6 if ":" in src else socket.AF_INET
     with entered(namespace):
@@ -72,8 +83,11 @@ def udp_send(namespace: str, src: str, sport: int, dst: str, dport: int, sizes) 
 def test_afpacket_egress_for_what_left_ingress_for_what_came_in(lab, tmp_path):
     ns, a, b = lab
     va = ifindex(ns, a, "va")
+    ipfix = tmp_path / "out.ipfix"  # ipfixDump reads the interface names from it
     with NsNfcapd(b, tmp_path, host=B4) as nf:
-        run = Run(a, tmp_path, 1, Sources=["afpacket:va"], IpFixCollectors=[nf.collector])
+        # the kernel names va; the profile adds a description
+        run = Run(a, tmp_path, 1, Sources=["afpacket:va"], IpFixCollectors=[nf.collector, f"File/{ipfix}"],
+                  Interfaces={str(va): {"Description": "the lab's link to b"}})
         ns.run(a, "ping", "-4", "-c", str(PINGS), "-i", "0.05", "-s", str(PING_PAYLOAD), B4)
         ns.run(a, "ping", "-6", "-c", str(PINGS), "-i", "0.05", "-s", str(PING_PAYLOAD), B6)
         udp_send(a, A4, 7600, B4, 7601, (10, 20))
@@ -114,6 +128,8 @@ def test_afpacket_egress_for_what_left_ingress_for_what_came_in(lab, tmp_path):
             assert (key[7], key[8]) == (0, va), key
         elif key[0] in (B4, B6):
             assert (key[7], key[8]) == (va, 0), key
+    # the options records name the index: one record, scoped by it
+    assert interface_names(ipfix) == {va: ("va", "the lab's link to b")}
 
 
 NFT_FORWARD = """
@@ -179,6 +195,8 @@ def test_nflog_forward_hook_in_device_ingress_out_device_egress(tmp_path):
     dumped = [(int(x["destinationTransportPort"]), int(x["forwardingStatus"]), int(x["ingressInterface"]),
                int(x["egressInterface"])) for x in ipfixdump_records(ipfix) if "destinationTransportPort" in x]
     assert sorted(dumped) == [(7701, 64, vr0, vr1), (7703, 64, vr1, vr0), (9999, 129, vr0, 0)]  # "drop": AclDeny
+    # both devices named by the kernel in the options records (no description: no alias set)
+    assert interface_names(ipfix) == {vr0: ("vr0", ""), vr1: ("vr1", "")}
 
 
 # --- capture files, replayed ---------------------------------------------------------------

@@ -201,7 +201,11 @@ def nfdump_flags(text: str) -> int:
 
 
 def ipfixdump_records(path: Path) -> list[dict]:
-    """Data records as ``ipfixDump --data`` prints them: one dict per record, fields by name."""
+    """Data records as ``ipfixDump --data`` prints them: one dict per record, fields by name.
+
+    ``_tid`` is the record's template id; an options record also has ``_scope``, the names of its
+    scope fields (ipfixDump marks them ``(S)``) in order. A variable-length string shows as
+    ``(len: N) TEXT``."""
     require("ipfixDump")
     out = subprocess.run(["ipfixDump", "--in", str(path), "--data"], capture_output=True, text=True,
                          env=UTC_ENV, check=True).stdout
@@ -218,9 +222,11 @@ def ipfixdump_records(path: Path) -> list[dict]:
             if m:
                 cur["_tid"] = int(m.group(1))
                 continue
-            m = re.match(r"\s*\((\d+)\)\s*(?:\(S\)\s*)?(\w+)\s*:\s*(.*)$", line)
+            m = re.match(r"\s*\((\d+)\)\s*(\(S\)\s*)?(\w+)\s*:\s*(.*)$", line)
             if m:
-                cur[m.group(2)] = m.group(3).strip()
+                cur[m.group(3)] = m.group(4).strip()
+                if m.group(2):
+                    cur.setdefault("_scope", []).append(m.group(3))
     return records
 
 
@@ -324,7 +330,9 @@ class Nfacctd:
 
     PRIMITIVES = "src_host, dst_host, src_port, dst_port, proto, tcpflags, tos, timestamp_start, timestamp_end"
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, renormalize: bool = False, primitives: str = PRIMITIVES) -> None:
+        """``renormalize``: counters scaled by the sampling rate learnt from the exporter's options
+        records (``nfacctd_renormalize``); ``primitives``: the aggregation keys printed."""
         require("nfacctd")
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_udp_port()
@@ -336,12 +344,13 @@ class Nfacctd:
             "nfacctd_ip: 127.0.0.1\n"
             f"nfacctd_port: {self.port}\n"
             "plugins: print[out]\n"
-            f"aggregate[out]: {self.PRIMITIVES}\n"
+            f"aggregate[out]: {primitives}\n"
             "print_output[out]: json\n"
             f"print_output_file[out]: {self.output}\n"
             "print_output_file_append[out]: true\n"
             "print_refresh_time[out]: 1\n"
             "timestamps_secs: false\n"
+            f"nfacctd_renormalize: {'true' if renormalize else 'false'}\n"
             f"logfile: {self.log}\n")
         self._fh = open(directory / "nfacctd.stdout", "w")
         self.proc = subprocess.Popen(["nfacctd", "-f", str(conf)], stdout=self._fh, stderr=subprocess.STDOUT,
