@@ -124,11 +124,12 @@ class Template:
 
     def describe(self) -> str:
         kind = "options template" if self.is_options else "template"
-        lines = [f"{kind} {self.template_id} {self.name}: {len(self.elements)} fields, "
-                 f"{self.record_length} octets per record"]
+        size = f"{self.record_length} octets per record" if self.record_length >= 0 else "records of variable length"
+        lines = [f"{kind} {self.template_id} {self.name}: {len(self.elements)} fields, {size}"]
         for i, e in enumerate(self.elements):
             scope = " (scope)" if i < self.scope_count else ""
-            lines.append(f"  {e.element_id:>5}  {e.name:<32} {e.length:>2}{scope}")
+            length = "variable" if e.length == VARLEN else f"{e.length:>2}"
+            lines.append(f"  {e.element_id:>5}  {e.name:<32} {length}{scope}")
         return "\n".join(lines)
 
 
