@@ -18,6 +18,7 @@ from exporter.exporting import ExportingProcess, ExportSettings
 from exporter.message import HEADER, SET_HEADER, Message, encode, message_rows, recut
 from exporter.template import default_registry
 from exporter.transport import CollectorAddress, UdpTransport
+from tests.support.collectors import UdpSink
 from tests.support.netns import Namespaces, available, entered
 from tests.support.synthetic import synthetic_records
 
@@ -106,24 +107,9 @@ def ns():
         yield namespaces, name
 
 
-class Receiver:
+def Receiver(family: int) -> UdpSink:
     """A UDP socket in the namespace (IPv4 or IPv6 loopback) that keeps every datagram."""
-
-    def __init__(self, family: int) -> None:
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
-        host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
-        self.sock.bind((host, 0))
-        self.sock.settimeout(0.2)
-        self.address = CollectorAddress("udp", host, self.sock.getsockname()[1])
-
-    def messages(self) -> list[bytes]:
-        out = []
-        while True:
-            try:
-                out.append(self.sock.recv(70000))
-            except socket.timeout:
-                return out
+    return UdpSink(0.2, "::1" if family == socket.AF_INET6 else "127.0.0.1")
 
 
 def set_mtu(namespaces: Namespaces, name: str, mtu: int) -> None:

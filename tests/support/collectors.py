@@ -375,17 +375,18 @@ class Nfacctd:
 
 
 class UdpSink:
-    """A UDP socket on loopback that keeps every datagram (a bare collector for exporter tests)."""
+    """A UDP socket on loopback that keeps every datagram (a bare collector for exporter tests);
+    ``host`` "::1" for IPv6. Made inside a network namespace, it is that namespace's loopback."""
 
-    def __init__(self, timeout_s: float = 0.3) -> None:
+    def __init__(self, timeout_s: float = 0.3, host: str = "127.0.0.1") -> None:
         from exporter.transport import CollectorAddress
 
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((host, 0))
         self.sock.settimeout(timeout_s)
         self.port = self.sock.getsockname()[1]
-        self.address = CollectorAddress("udp", "127.0.0.1", self.port)
+        self.address = CollectorAddress("udp", host, self.port)
 
     def messages(self) -> list[bytes]:
         """Every datagram received until the socket stays quiet for the timeout."""
