@@ -193,7 +193,7 @@ class ExportingProcess:
         """Messages ``first`` onwards of ``out`` cut again at ``size`` octets (``Session.fit_head``)."""
         assert out.rows is not None
         return [Outgoing(c.rows, out.domain, c.records, flow=out.flow, packets=c.packets, octets=c.octets,
-                         statistics=out.statistics)
+                         statistics=out.statistics, describes=out.describes)
                 for c in recut(out.rows[first:], size, self._template)]
 
     # --- templates ------------------------------------------------------
