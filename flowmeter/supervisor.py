@@ -69,6 +69,7 @@ from flowmeter.ipc.batchring import BatchRing
 from flowmeter.ipc.lifecycle import (CONFIG_EXIT, RELOAD_SIGNAL, STOP_DEADLINE_S, STOP_NOW_SIGNAL, STOP_SIGNAL,
                                      child_main)
 from flowmeter.ipc.schema import EndOfStream, ErrorReport, SchemaError, parse_control
+from flowmeter.notify import Notifier
 from flowmeter.recovery import CRASH_LOOP, CRASH_WINDOW_S, HANG_S, START_GRACE_S, Incident, Restarts
 from flowmeter.status import ChildInfo, PipelineReport
 from flowmeter.warmup import drop_privileges, load_kernels, tune_allocator
@@ -123,6 +124,8 @@ class Supervisor:
         self._poller: zmq.Poller | None = None
         self._ctx: zmq.Context | None = None
         self._why_stopped = ""
+        self.notifier = Notifier()  # the service manager (systemd's Type=notify), if it started this run
+        self._rate_from = (0.0, 0)  # (time, packets metered) of the last STATUS=: the current rate
         self._handlers: dict[int, Callable[[], None]] = {
             signal.SIGTERM: self._drain, signal.SIGINT: self._drain, signal.SIGHUP: self._reload}
 
@@ -146,6 +149,7 @@ class Supervisor:
             self._stop_now("stopped again while draining")
             return
         self._draining = time.monotonic()
+        self.notifier.stopping(f"stopping: exporting every cached flow (at most {self.profile.drain_timeout_s:g} s)")
         if any(c.process.is_alive() for c in self.children):
             log.info("stopping: exporting every cached flow (at most %g s; stop again to stop at once)",
                      self.profile.drain_timeout_s)
@@ -387,6 +391,7 @@ class Supervisor:
             if self.live:
                 self.report.log_sources(now)
             self.report.write_status(rundir, now)
+            self._notify(now)
             self._ignored[0] = self.report.ignored_packets()
             if self._draining is not None and not self._stopped_now \
                     and now - self._draining >= self.profile.drain_timeout_s:
@@ -410,6 +415,32 @@ class Supervisor:
                     self._restart(name, incident, now)
             if not self._pending and all(c.process.exitcode is not None for c in self._current()):
                 return None
+
+    def _notify(self, now: float) -> None:
+        """The service manager's view: ready once every child has reported (the sources are open and
+        read), the current rates, and the watchdog's ping from this loop."""
+        n = self.notifier
+        if not n.active:
+            return
+        n.watchdog(now)
+        if self._draining is not None:
+            return
+        if not n.ready_sent:
+            current = self._current()
+            if current and all(c.heard for c in current):
+                n.ready(self._status_line(now))
+        else:
+            n.status(self._status_line(now), now)
+
+    def _status_line(self, now: float) -> str:
+        """One line for ``systemctl status``: the packet rate since the last line, and the totals."""
+        t = self.report.totals()
+        packets, records = t["capture"].packets, t["exporter"].records
+        then, before = self._rate_from
+        rate = (packets - before) / (now - then) if then and now > then else 0.0
+        self._rate_from = (now, packets)
+        return (f"metering {len(self.live) or len(self.files)} source(s): {rate:,.0f} packets/s now, "
+                f"{packets:,} packets metered, {records:,} flow records exported")
 
     def _failures(self, now: float) -> ChildInfo | None:
         """Deal with every child that died or hung since the last look; the one that stops the run, if any."""
