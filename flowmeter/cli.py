@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import signal
 import sys
@@ -19,8 +20,33 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _options(log_format: str = typer.Option(
+        "text", "--log-format", envvar="FLOWMETER_LOG_FORMAT",
+        help="log lines as text (with syslog priorities when stderr is the journal) or json, one object per line")
+        ) -> None:
+    """flowmeter: an IPFIX (RFC 7011) flow exporter for Linux gateways and overlay networks."""
+    from flowmeter.ipc.logs import FORMATS, set_format, setup_logging
+
+    if log_format not in FORMATS:
+        _fail(f"--log-format: {log_format!r} is not one of {', '.join(FORMATS)}")
+    set_format(log_format)
+    setup_logging()
+
+
+def _say(message: str, error: bool = True) -> None:
+    """A line of the command's own on stderr: ``flowmeter: message``, or a JSON log line (--log-format json)."""
+    from flowmeter.ipc.logs import LOGGER, log_format
+
+    if log_format() == "json":
+        logger = logging.getLogger(LOGGER)
+        logger.log(logging.ERROR if error else logging.INFO, message)
+    else:
+        typer.echo(f"flowmeter: {message}" if error else message, err=True)
+
+
 def _fail(message: str) -> None:
-    typer.echo(f"flowmeter: {message}", err=True)
+    _say(message)
     raise typer.Exit(1)
 
 
@@ -137,9 +163,10 @@ def _pipeline(p, files: tuple[str, ...], workers: Optional[int], what: str, capt
     sup = Supervisor(p, files, workers, captures=captures, data_plane_nice=nice, live=live)
     code = sup.run()
     if sup.children:  # else nothing started: the error below says why
-        typer.echo(sup.report.summary(), err=True)
+        for line in sup.report.summary().splitlines():
+            _say(line, error=False)
     for e in sup.errors:
-        typer.echo(f"flowmeter: {e}", err=True)
+        _say(e)
     if stats is not None:
         totals = {role: to_wire(value) for role, value in sup.report.totals().items()}
         try:
