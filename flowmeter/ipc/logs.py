@@ -103,7 +103,10 @@ class RateLimit(logging.Filter):
         self._kinds: dict[tuple, list] = {}  # kind -> [window start, lines written, lines held back]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        kind = (record.name, record.levelno, str(record.msg))
+        template = str(record.msg)
+        # a template of placeholders only ("%s") says nothing of the kind: the line itself does
+        kind = (record.name, record.levelno, template if re.sub(r"%[sdr]|[:\s]", "", template) else
+                record.getMessage())
         now = self.clock()
         state = self._kinds.get(kind)
         if state is None or now - state[0] >= self.window_s:

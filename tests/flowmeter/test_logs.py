@@ -64,12 +64,15 @@ def test_a_hot_path_is_held_back_and_the_next_line_says_how_much():
         for i in range(20):
             log.warning("frame %d malformed", i)
         log.warning("another kind of line")  # its own allowance
+        for i in range(8):  # a bare "%s": each line its own kind (the per-source lines, a child's last error)
+            log.warning("%s", f"source {i} line")
         now[0] = 10.5
         log.warning("frame %d malformed", 99)
     finally:
         log.removeHandler(handler)
     assert out.getvalue().splitlines() == [
         "frame 0 malformed", "frame 1 malformed", "frame 2 malformed", "another kind of line",
+        *(f"source {i} line" for i in range(8)),
         "frame 99 malformed (17 more like it held back in the last 10 s)"]
 
 
