@@ -126,6 +126,19 @@ def test_flowmeter_run_serves_metrics_prometheus_scrapes_and_nfcapd_agrees(tmp_p
             prom_port, f'flowmeter_source_packets_metered_total{{source="pcap:{pcap}"}}'), 30, proc)
         assert float(stored[0]["value"][1]) == len(t)
 
+        # flowmeter status: the same run, with its current rate and each process's CPU and RSS
+        status = subprocess.run([sys.executable, "-m", "flowmeter.cli", "status", "--json"], capture_output=True,
+                                text=True, cwd=ROOT, timeout=60)
+        doc = next(d for d in json.loads(status.stdout) if d["pid"] == proc.pid)
+        assert doc["rates"] == {f"pcap:{pcap}": 0.0, f"feed:ipc://{tmp_path}/feed": 0.0}  # read to its end
+        assert set(doc["processes"]) == {"supervisor", "exporter", "worker-0", "worker-1", "capture-1"}
+        assert all(u["rss"] > 1 << 20 and u["cpu_s"] >= 0 for u in doc["processes"].values())
+        text = subprocess.run([sys.executable, "-m", "flowmeter.cli", "status"], capture_output=True, text=True,
+                              cwd=ROOT, timeout=60).stdout
+        assert re.search(rf"pcap:{re.escape(str(pcap))}: 0 packets/s over the last [0-9.]+ s", text), text
+        assert re.search(r"  worker-0: pid \d+, running, [\d,]+ packets, [\d,]+ records, CPU [\d.]+ s, "
+                         r"RSS [\d.,]+ MiB", text), text
+
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
