@@ -11,7 +11,11 @@ reported (``flowmeter.ipc.counters``); a ``PipelineReport`` reads them:
 * ``source_lines()``: one line per live source, logged every 10 s;
 * ``write_status()``: the status file in the run's private directory,
   rewritten whole every second, which ``flowmeter status`` reads
-  (``running_status``, ``describe_runs``).
+  (``running_status``, ``describe_runs``): with the packet rate of each
+  source over the last second and each running process's CPU seconds and
+  resident memory (``process_usage``, read from the kernel by psutil);
+* ``lost_packets()``, ``packets_by_source()``: figures ``flowmeter.metrics``
+  serves to Prometheus as well.
 """
 from __future__ import annotations
 
@@ -226,16 +230,18 @@ class PipelineReport:
         """The live counters in the runtime directory, for ``flowmeter status`` (rewritten whole, atomically)."""
         if now - self._status_written < STATUS_WRITE_S:
             return
+        # the current rate: packets per source since the last write (the log's lines give the average)
         then, before = self._rates_from
         packets = self.packets_by_source()
-        rates = {k: round((v - before.get(k, 0)) / (now - then), 1) for k, v in packets.items()} if then else {}
+        interval = now - then if then else 0.0
+        rates = {k: round((v - before.get(k, 0)) / interval, 1) for k, v in packets.items()} if interval else {}
         self._rates_from = (now, packets)
         self._status_written = now
         usage = {name: {"cpu_s": round(cpu, 2), "rss": rss} for name, _role, cpu, rss in
                  process_usage([c for c in self.children if not c.replaced])}
         doc = {"pid": os.getpid(), "profile": self.profile, "uptime_s": round(now - self.started, 1),
-               "sources": self.sources, "lines": self.source_lines(), "rates": rates, "interval_s": round(now - then, 2)
-               if then else 0, "processes": usage,
+               "sources": self.sources, "lines": self.source_lines(), "rates": rates,
+               "interval_s": round(interval, 2), "processes": usage,
                "incidents": [i.line() for i in self.incidents], "lost": self.losses(),
                "children": {c.name: {"role": c.role, "pid": c.process.pid, "alive": c.process.exitcode is None,
                                      "counters": to_wire(c.counters) if c.counters is not None else {}}
