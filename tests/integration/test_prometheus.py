@@ -115,12 +115,12 @@ def test_flowmeter_run_serves_metrics_prometheus_scrapes_and_nfcapd_agrees(tmp_p
         config = tmp_path / "prometheus.yml"
         config.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n"
                           f"  - job_name: flowmeter\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n")
-        prom_log = open(tmp_path / "prometheus.log", "w")
-        prom = subprocess.Popen(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path}/tsdb",
-                                 f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=prom_log,
-                                stderr=subprocess.STDOUT)
-        up = wait_for("up{job=\"flowmeter\"} == 1", lambda: [r for r in prometheus_query(prom_port, 'up{job="flowmeter"}')
-                                                         if r["value"][1] == "1"], 60, proc)
+        with open(tmp_path / "prometheus.log", "w") as prom_log:  # the child keeps its own descriptor
+            prom = subprocess.Popen(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path}/tsdb",
+                                     f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=prom_log,
+                                    stderr=subprocess.STDOUT)
+        up = wait_for('up{job="flowmeter"} == 1', lambda: [
+            r for r in prometheus_query(prom_port, 'up{job="flowmeter"}') if r["value"][1] == "1"], 60, proc)
         assert up[0]["metric"]["instance"] == f"127.0.0.1:{port}"
         stored = wait_for("the packet counter", lambda: prometheus_query(
             prom_port, f'flowmeter_source_packets_metered_total{{source="pcap:{pcap}"}}'), 30, proc)
