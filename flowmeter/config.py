@@ -247,6 +247,33 @@ def _capture_filter(expression: str) -> str:
     return expression
 
 
+METRICS_ACCEPTS = 'an IP address and port such as "127.0.0.1:9742" or "[::1]:9742", or "" (off)'
+
+
+def _metrics_address(value: str) -> str:
+    """An address literal, not a host name: what ``/metrics`` listens on is decided here, not by
+    the resolver at each start; ``metrics_endpoint`` splits it for the listening socket."""
+    if value:
+        metrics_endpoint(value)
+    return value
+
+
+def metrics_endpoint(value: str) -> tuple[str, int]:
+    """``(address, port)`` of a ``MetricsAddress`` value; raises ``_Rejected`` for anything else."""
+    match = _UDP_TARGET.fullmatch(value)
+    if match is None:
+        raise _Rejected()
+    port = int(match["port"])
+    if not 1 <= port <= 65535:
+        raise _Rejected(f"port {port} in {_show(value)} is outside 1-65535")
+    try:
+        if match["v6"] is not None:
+            return str(ipaddress.IPv6Address(match["v6"])), port
+        return str(ipaddress.IPv4Address(match["host"])), port
+    except ValueError:
+        raise _Rejected(f"{_show(value)} is not {METRICS_ACCEPTS} (a host name is not taken)") from None
+
+
 def _user(name: str) -> str:
     if name:
         try:
@@ -469,6 +496,9 @@ SETTINGS: tuple[Setting, ...] = (
             "names and descriptions of interface indexes for the collectors (options records), and an "
             "index's number on export (Index); live interfaces are named by the kernel without it",
             _interfaces, _interfaces_dump),
+    Setting("MetricsAddress", "metrics_address", str, "", METRICS_ACCEPTS,
+            "the supervisor serves Prometheus metrics over HTTP at /metrics on this address; "
+            "empty = off", _metrics_address, restart=True),
 )
 KEYS = tuple(s.key for s in SETTINGS)
 RESTART_KEYS = tuple(s.key for s in SETTINGS if s.restart)  # a reload leaves these as they run
@@ -504,6 +534,7 @@ class Profile:
     drop_prefixes: tuple[tuple[str, int], ...]
     options_records: bool
     interfaces: tuple[InterfaceSpec, ...]
+    metrics_address: str
     source: str  # the profile's path, or what the caller called it
 
     @property

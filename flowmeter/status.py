@@ -11,7 +11,11 @@ reported (``flowmeter.ipc.counters``); a ``PipelineReport`` reads them:
 * ``source_lines()``: one line per live source, logged every 10 s;
 * ``write_status()``: the status file in the run's private directory,
   rewritten whole every second, which ``flowmeter status`` reads
-  (``running_status``, ``describe_runs``).
+  (``running_status``, ``describe_runs``): with the packet rate of each
+  source over the last second and each running process's CPU seconds and
+  resident memory (``process_usage``, read from the kernel by psutil);
+* ``lost_packets()``, ``packets_by_source()``: figures ``flowmeter.metrics``
+  serves to Prometheus as well.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, TextIO
+
+import psutil
 
 from flowmeter.ipc.counters import BY_ROLE, END_REASONS, RoleCounters, merge, to_wire
 
@@ -65,6 +71,8 @@ class PipelineReport:
         self.started = 0.0  # time.monotonic() when the children were started
         self.elapsed = 0.0  # seconds the pipeline ran, once it ended
         self.incidents: list = []  # flowmeter.recovery.Incident: children that died or hung, and their restarts
+        self.files_of: dict[str, str] = {}  # capture process reading files -> "pcap:A,pcap:B" (its metrics label)
+        self._rates_from: tuple[float, dict[str, int]] = (0.0, {})  # (time, packets per source) at the last write
         self._status_written = 0.0
         self._sources_logged = 0.0
 
@@ -109,7 +117,14 @@ class PipelineReport:
         """Packets metered and then lost inside flowmeter, as known while it runs (the statistics
         records' ignoredPacketTotalCount): flows held by workers that died, batches given up for them,
         frames read by a capture process that died before metering them."""
-        lost = self._unread()
+        return sum(self.lost_packets().values())
+
+    def lost_packets(self) -> dict[str, int]:
+        """``ignored_packets`` by the role of the processes that held them (the metrics' labels)."""
+        return {"capture": self._unread(), "worker": self._lost_in_workers()}
+
+    def _lost_in_workers(self) -> int:
+        lost = 0
         for c in self.children:
             w = c.counters
             if c.role != "worker" or w is None:
@@ -186,6 +201,15 @@ class PipelineReport:
         for line in self.source_lines():
             log.info("%s", line)
 
+    def packets_by_source(self) -> dict[str, int]:
+        """Packets metered per source (a live source, or a capture process's files), every process counted."""
+        out: dict[str, int] = {}
+        for c in self.children:
+            if c.role == "capture" and c.counters is not None:
+                label = c.counters.source or self.files_of.get(c.name, "pcap")
+                out[label] = out.get(label, 0) + c.counters.packets
+        return out
+
     def show_progress(self) -> None:
         """The replay's progress line on a terminal: share of the files read, packets, rate."""
         if not self.progress:
@@ -206,9 +230,18 @@ class PipelineReport:
         """The live counters in the runtime directory, for ``flowmeter status`` (rewritten whole, atomically)."""
         if now - self._status_written < STATUS_WRITE_S:
             return
+        # the current rate: packets per source since the last write (the log's lines give the average)
+        then, before = self._rates_from
+        packets = self.packets_by_source()
+        interval = now - then if then else 0.0
+        rates = {k: round((v - before.get(k, 0)) / interval, 1) for k, v in packets.items()} if interval else {}
+        self._rates_from = (now, packets)
         self._status_written = now
+        usage = {name: {"cpu_s": round(cpu, 2), "rss": rss} for name, _role, cpu, rss in
+                 process_usage([c for c in self.children if not c.replaced])}
         doc = {"pid": os.getpid(), "profile": self.profile, "uptime_s": round(now - self.started, 1),
-               "sources": self.sources, "lines": self.source_lines(),
+               "sources": self.sources, "lines": self.source_lines(), "rates": rates,
+               "interval_s": round(interval, 2), "processes": usage,
                "incidents": [i.line() for i in self.incidents], "lost": self.losses(),
                "children": {c.name: {"role": c.role, "pid": c.process.pid, "alive": c.process.exitcode is None,
                                      "counters": to_wire(c.counters) if c.counters is not None else {}}
@@ -244,14 +277,40 @@ def describe_runs(runs: list[dict]) -> str:
         lines.append(f"pid {doc['pid']}, profile {doc.get('profile')}, up {doc.get('uptime_s', 0):,.0f} s, "
                      f"sources: {', '.join(doc.get('sources', []))}")
         lines.extend(f"  {line}" for line in doc.get("lines", []))
+        interval = doc.get("interval_s", 0)
+        lines.extend(f"  {source}: {rate:,.0f} packets/s over the last {interval:g} s"
+                     for source, rate in sorted(doc.get("rates", {}).items()))
         lines.extend(f"  restart: {line}" for line in doc.get("incidents", []))
         lines.extend(f"  lost: {line}" for line in doc.get("lost", []))
+        usage = doc.get("processes", {})
+        if "supervisor" in usage:
+            u = usage["supervisor"]
+            lines.append(f"  supervisor: pid {doc['pid']}, CPU {u['cpu_s']:,.2f} s, RSS {u['rss'] / 2**20:,.1f} MiB")
         for name, child in sorted(doc.get("children", {}).items()):
             c = child.get("counters", {})
+            u = usage.get(name)
             lines.append(f"  {name}: pid {child.get('pid')}, {'running' if child.get('alive') else 'ended'}"
                          + (f", {c.get('packets', 0):,} packets" if 'packets' in c else "")
-                         + (f", {c.get('records_out', 0):,} records" if 'records_out' in c else ""))
+                         + (f", {c.get('records_out', 0):,} records" if 'records_out' in c else "")
+                         + (f", CPU {u['cpu_s']:,.2f} s, RSS {u['rss'] / 2**20:,.1f} MiB" if u else ""))
     return "\n".join(lines)
+
+
+def process_usage(children: list[ChildInfo]) -> list[tuple[str, str, float, int]]:
+    """``(name, role, CPU seconds, resident octets)`` of this process (the supervisor) and of every
+    child of ``children`` still running, read from the kernel now (psutil): a child's own
+    ``cpu_s`` is as old as its last report, and it does not report its memory."""
+    out = []
+    for name, role, pid in [("supervisor", "supervisor", os.getpid())] + \
+            [(c.name, c.role, c.process.pid) for c in children if c.process.exitcode is None]:
+        try:
+            p = psutil.Process(pid)
+            with p.oneshot():
+                t, rss = p.cpu_times(), p.memory_info().rss
+        except psutil.Error:  # it ended meanwhile
+            continue
+        out.append((name, role, t.user + t.system, rss))
+    return out
 
 
 def _alive(pid: int) -> bool:

@@ -126,6 +126,7 @@ class Supervisor:
         self._why_stopped = ""
         self.notifier = Notifier()  # the service manager (systemd's Type=notify), if it started this run
         self._rate_from = (0.0, 0)  # (time, packets metered) of the last STATUS=: the current rate
+        self._metrics = None  # flowmeter.metrics.MetricsServer, with MetricsAddress
         self._handlers: dict[int, Callable[[], None]] = {
             signal.SIGTERM: self._drain, signal.SIGINT: self._drain, signal.SIGHUP: self._reload}
 
@@ -203,6 +204,15 @@ class Supervisor:
         except OSError as exc:
             self.errors.append(str(exc))
             return 1
+        try:
+            self._metrics = self._bind_metrics()
+        except OSError as exc:
+            for _spec, source in opened:
+                if source is not None:
+                    source.close()
+            self.errors.append(f"MetricsAddress: cannot listen on {self.profile.metrics_address}: "
+                               f"{exc.strerror or exc}")
+            return 1
         rundir = tempfile.mkdtemp(prefix="flowmeter-", dir=os.environ.get("XDG_RUNTIME_DIR"))
         self._profile_copy = os.path.join(rundir, "profile.json")  # what a reload applies (checked here first)
         old = {s: signal.signal(s, self._on_signal) for s in self._handlers}
@@ -220,7 +230,19 @@ class Supervisor:
                     source.close()
             for s, h in old.items():
                 signal.signal(s, h)
+            if self._metrics is not None:
+                self._metrics.close()
             shutil.rmtree(rundir, ignore_errors=True)
+
+    def _bind_metrics(self):
+        """``/metrics`` bound now (root may still bind a low port; a port in use stops the start), served
+        once the children are started (``flowmeter.metrics``); None when MetricsAddress is empty."""
+        if not self.profile.metrics_address:
+            return None
+        from flowmeter.config import metrics_endpoint
+        from flowmeter.metrics import MetricsServer
+
+        return MetricsServer(self.report, *metrics_endpoint(self.profile.metrics_address))
 
     def _open_live(self) -> list[tuple]:
         """(spec, source) per live capture process; sources that need root are opened now, before
@@ -272,6 +294,8 @@ class Supervisor:
         self._ctx = ctx
         self._rings = rings
         self._start_children(rundir, control_endpoint, opened, rings)
+        if self._metrics is not None:
+            self._metrics.start()
         crashed: ChildInfo | None = None
         try:
             crashed = self._watch(control, rundir)
@@ -332,6 +356,7 @@ class Supervisor:
                           worker_process.WorkerHandover(rings, worker_reload)))
         endpoints = capture_process.CaptureEndpoints(ep_workers, control)
         for i in range(self.captures):
+            self.report.files_of[f"capture-{i}"] = ",".join(f"pcap:{f}" for f in self.files[i::self.captures])
             # One capture process: the files in order (e.g. a rotated capture). Several: the files
             # are dealt out and read at the same time (e.g. one file per member of a fanout group).
             self._recipe(f"capture-{i}", "capture", capture_process.run,

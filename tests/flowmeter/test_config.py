@@ -155,7 +155,7 @@ def test_empty_flow_metadata_gives_defaults(tmp_path: Path) -> None:
             meter_export=False, user="", drain_timeout_s=5.0, workers=0, idle_timeout_ms=15000,
         max_flows=1_000_000, local_networks=(),
         drop_prefixes=(("drop", 129), ("deny", 129), ("reject", 130)), options_records=True, interfaces=(),
-        source=str(path))
+        metrics_address="", source=str(path))
 
 
 def test_other_top_level_keys_are_ignored() -> None:
@@ -341,3 +341,51 @@ def test_reload_profile_names_a_changed_collector_setting(tmp_path: Path) -> Non
     effective, changed, waiting = reload_profile(running, path)
     assert changed == ["IpFixCollectors"] and waiting == []
     assert effective.export_settings().collectors[0].max_message == 1200
+
+
+METRICS_ACCEPTS = 'an IP address and port such as "127.0.0.1:9742" or "[::1]:9742", or "" (off)'
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("127.0.0.1:9742", ("127.0.0.1", 9742)),
+    ("0.0.0.0:80", ("0.0.0.0", 80)),
+    ("[::1]:9742", ("::1", 9742)),
+    ("[2001:DB8::0:1]:65535", ("2001:db8::1", 65535)),
+])
+def test_metrics_address_is_an_address_literal_and_a_port(value: str, expected: tuple) -> None:
+    from flowmeter.config import metrics_endpoint
+
+    p = parse_profile({"FlowMetadata": {"MetricsAddress": value}})
+    assert p.metrics_address == value and metrics_endpoint(p.metrics_address) == expected
+    assert parse_profile({"FlowMetadata": p.to_dict()}) == p
+
+
+def test_metrics_are_off_by_default() -> None:
+    assert parse_profile({"FlowMetadata": {}}).metrics_address == ""
+
+
+@pytest.mark.parametrize(("value", "detail"), [
+    (9742, f"9742 is not {METRICS_ACCEPTS}"),
+    ("127.0.0.1", f'"127.0.0.1" is not {METRICS_ACCEPTS}'),
+    ("::1:9742", f'"::1:9742" is not {METRICS_ACCEPTS}'),
+    ("127.0.0.1:0", 'port 0 in "127.0.0.1:0" is outside 1-65535'),
+    ("127.0.0.1:70000", 'port 70000 in "127.0.0.1:70000" is outside 1-65535'),
+    ("localhost:9742", f'"localhost:9742" is not {METRICS_ACCEPTS} (a host name is not taken)'),
+    ("[127.0.0.1]:9742", f'"[127.0.0.1]:9742" is not {METRICS_ACCEPTS} (a host name is not taken)'),
+    ("256.1.1.1:9742", f'"256.1.1.1:9742" is not {METRICS_ACCEPTS} (a host name is not taken)'),
+])
+def test_broken_metrics_address_is_one_exact_line(value, detail: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_profile({"FlowMetadata": {"MetricsAddress": value}})
+    assert str(caught.value) == f"<profile>: MetricsAddress: {detail}"
+
+
+def test_a_reload_that_changes_the_metrics_address_waits_for_a_restart(tmp_path: Path) -> None:
+    from flowmeter.config import reload_profile
+
+    path = tmp_path / "p.json"
+    path.write_text(_flow_metadata(MetricsAddress="127.0.0.1:9742"), encoding="utf-8")
+    running = load_profile(path)
+    path.write_text(_flow_metadata(MetricsAddress="127.0.0.1:9743"), encoding="utf-8")
+    effective, changed, waiting = reload_profile(running, path)
+    assert (changed, waiting) == ([], ["MetricsAddress"]) and effective.metrics_address == "127.0.0.1:9742"
