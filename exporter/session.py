@@ -106,7 +106,7 @@ class SessionCounters:
     packets: int = 0  # packets counted in the flow records sent
     template_messages: int = 0
     not_sent_messages: int = 0
-    not_sent_records: int = 0
+    not_sent_records: int = 0  # flow records not sent (notSentFlowTotalCount); options records are not counted
     not_sent_packets: int = 0
     not_sent_octets: int = 0
     recuts: int = 0  # queued messages cut again smaller for this collector (its path or size)
@@ -367,7 +367,8 @@ class Session:
         c = self.counters
         c.not_sent_messages += n
         c.errors[cause] = c.errors.get(cause, 0) + n
-        c.not_sent_records += n * out.records
+        if out.flow:  # flow records (notSentFlowTotalCount); a sampling or name record is not one
+            c.not_sent_records += n * out.records
         if out.packets is not None:
             c.not_sent_packets += int(np.sum(out.packets[first:first + n], dtype=np.uint64))
         if out.octets is not None:

@@ -154,3 +154,20 @@ def test_off_sends_neither_their_templates_nor_their_records(tmp_path):
     records = ipfixdump_records(path)
     assert {r["_tid"] for r in records} == {REG["ipv4_tcp"].template_id}
     assert {r["ingressInterface"] for r in records} == {"1003"}  # the profile's numbers still apply
+
+
+def test_a_collector_that_is_down_counts_only_flow_records_as_not_sent():
+    """notSentFlowTotalCount and the summary's "records not sent" are flow records: the sampling and name
+    records that went down with them (tried again at every template send) are not counted there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed from here on: every send is refused (ICMP port unreachable)
+    exp = ExportingProcess(ExportSettings(collectors=(CollectorAddress("udp", "127.0.0.1", port),),
+                                          stats_interval_s=0, options_records=True, interfaces=SPECS))
+    for i in range(30):
+        exp.export(exp.registry["ipv4_tcp"], _records(7, [1, 2, 3], [0], seed=i), 1)
+        exp.flush()
+    c = exp.sessions[0].counters
+    exp.close()
+    assert c.not_sent_messages > 30 and c.errors.get("ECONNREFUSED", 0) > 0
+    assert c.flow_records + c.not_sent_records == 30 * 7  # each flow record once, sent or not
