@@ -21,6 +21,8 @@ import os
 import pwd
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -29,7 +31,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.support.liverun import A4, B4, NsNfcapd, Run
+from tests.support.liverun import A4, B4, ROOT, NsNfcapd, Run
 from tests.support.netns import entered
 
 USER = "nobody"
@@ -138,3 +140,18 @@ def test_nflog_as_a_user_with_ambient_capabilities_keeps_none(lab, tmp_path, as_
         packets, octets = udp_flows(nf.records())
     key = (A4, B4, 7200, 7201)
     assert dict(packets) == {key: SENT[0]} and dict(octets) == {key: SENT[1]}, (packets, octets)
+
+
+@pytest.mark.parametrize("source, says", [
+    ("afpacket:lo", "flowmeter: afpacket:lo: permission denied: reading an interface needs root or CAP_NET_RAW"),
+    ("nflog:9", "flowmeter: nflog:9: binding a log group needs CAP_NET_ADMIN in this network namespace"),
+])
+def test_without_the_capability_a_source_says_so_in_one_line(as_user, source, says):
+    """The same user without the capabilities: the source's own error, nothing else, exit 1."""
+    wrap, shared, env = as_user
+    wrap = tuple(a for a in wrap if a not in ("--inh-caps", "--ambient-caps", CAPS))
+    profile = shared / "profile.json"
+    profile.write_text(f'{{"FlowMetadata": {{"Sources": ["{source}"]}}}}')
+    r = subprocess.run([*wrap, sys.executable, "-m", "flowmeter.cli", "run", "--profile", str(profile)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, **env})
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", says + "\n")
