@@ -12,7 +12,9 @@ systemd's ``RuntimeDirectory`` does.
 Each run must open its source with the capability (AF_PACKET on the lab's
 veth, an NFLOG group fed by an nftables rule), meter exactly what was sent
 into nfcapd, and meanwhile every one of its processes must hold no
-capability at all, with ``NoNewPrivs`` set.
+capability at all, with ``NoNewPrivs`` set. The same when its capture
+process was killed first: the one started again, with no capability to open
+anything, reads the socket the supervisor opened.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from flowmeter.recovery import START_GRACE_S
 
 from tests.support.liverun import A4, B4, ROOT, NsNfcapd, Run
 from tests.support.netns import entered
@@ -77,6 +81,23 @@ def assert_no_capability(run: Run, runtime: Path) -> None:
     assert [d.name.startswith("flowmeter-") for d in runtime.iterdir()] == [True]
 
 
+def crash_capture(run: Run) -> None:
+    """SIGKILL to the capture process; back once another one runs (started by the supervisor)."""
+    def capture() -> list[psutil.Process]:
+        return [p for p in psutil.Process(run.proc.pid).children()
+                if p.name() == "fm-capture-0" and p.status() != psutil.STATUS_ZOMBIE]
+
+    [victim] = capture()
+    victim.kill()
+    deadline = time.monotonic() + START_GRACE_S
+    while not [p for p in capture() if p.pid != victim.pid]:
+        assert time.monotonic() < deadline, "".join(run.lines)
+        time.sleep(0.05)
+    while not any("capture-0 restarted" in line for line in run.lines):
+        assert time.monotonic() < deadline, "".join(run.lines)
+        time.sleep(0.05)
+
+
 def udp_flows(rows: list[dict]) -> tuple[Counter, Counter]:
     packets, octets = Counter(), Counter()
     for r in rows:
@@ -101,11 +122,14 @@ SIZES = (10, 200, 1000)
 SENT = (len(SIZES), len(SIZES) * 28 + sum(SIZES))  # packets, IPv4 + UDP octets
 
 
-def test_afpacket_as_a_user_with_ambient_capabilities_keeps_none(lab, tmp_path, as_user):
+@pytest.mark.parametrize("crash", [False, True], ids=["", "capture-restarted"])
+def test_afpacket_as_a_user_with_ambient_capabilities_keeps_none(lab, tmp_path, as_user, crash):
     ns, a, b = lab
     wrap, shared, env = as_user
     with NsNfcapd(a, tmp_path) as nf:
         run = Run(a, shared, 1, wrap=wrap, env=env, Sources=["afpacket:va"], IpFixCollectors=[nf.collector])
+        if crash:
+            crash_capture(run)
         assert_no_capability(run, Path(env["RUNTIME_DIRECTORY"]))
         send(SIZES, 7100, 7101, a)
         time.sleep(0.3)
@@ -125,7 +149,8 @@ table inet fmlp {
 """
 
 
-def test_nflog_as_a_user_with_ambient_capabilities_keeps_none(lab, tmp_path, as_user):
+@pytest.mark.parametrize("crash", [False, True], ids=["", "capture-restarted"])
+def test_nflog_as_a_user_with_ambient_capabilities_keeps_none(lab, tmp_path, as_user, crash):
     ns, a, b = lab
     wrap, shared, env = as_user
     rules = tmp_path / "input.nft"
@@ -133,6 +158,8 @@ def test_nflog_as_a_user_with_ambient_capabilities_keeps_none(lab, tmp_path, as_
     ns.run(b, "nft", "-f", str(rules))
     with NsNfcapd(b, tmp_path) as nf:
         run = Run(b, shared, 1, wrap=wrap, env=env, Sources=["nflog:7"], IpFixCollectors=[nf.collector])
+        if crash:
+            crash_capture(run)
         assert_no_capability(run, Path(env["RUNTIME_DIRECTORY"]))
         send(SIZES, 7200, 7201, a)
         time.sleep(0.3)
