@@ -255,9 +255,17 @@ class PipelineReport:
             pass  # the status file is a convenience; metering goes on
 
 
+def runtime_base() -> str:
+    """Where a run makes its runtime directory: the unit's ``RuntimeDirectory`` under systemd
+    (``RUNTIME_DIRECTORY``, its first entry), else ``XDG_RUNTIME_DIR``, else the temporary directory.
+    ``flowmeter status`` and ``reload`` look in the same place."""
+    unit = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return unit or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+
+
 def running_status(base: str | None = None) -> list[dict]:
     """The status of every flowmeter run this user can see (their runtime directories under ``base``)."""
-    base = base or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    base = base or runtime_base()
     out = []
     for path in sorted(glob.glob(os.path.join(base, "flowmeter-*", STATUS_FILE))):
         try:

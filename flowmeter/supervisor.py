@@ -6,7 +6,8 @@
         └──────────── progress, stats, errors ───────────► supervisor (this process)
 
 ``Supervisor.run`` is the pipeline's whole life: load the kernels and open
-the live sources (``warmup``), give up root, map the batch rings, fork the
+the live sources (``warmup``), give up root and every capability, map the
+batch rings, fork the
 children (each starts in ``flowmeter.ipc.lifecycle.child_main`` and runs
 its stage's ``run(settings, endpoints, handover)``), then watch them until
 all have ended. The sockets live in a fresh runtime directory that only
@@ -71,8 +72,8 @@ from flowmeter.ipc.lifecycle import (CONFIG_EXIT, RELOAD_SIGNAL, STOP_DEADLINE_S
 from flowmeter.ipc.schema import EndOfStream, ErrorReport, SchemaError, parse_control
 from flowmeter.notify import Notifier
 from flowmeter.recovery import CRASH_LOOP, CRASH_WINDOW_S, HANG_S, START_GRACE_S, Incident, Restarts
-from flowmeter.status import ChildInfo, PipelineReport
-from flowmeter.warmup import drop_privileges, load_kernels, tune_allocator
+from flowmeter.status import ChildInfo, PipelineReport, runtime_base
+from flowmeter.warmup import drop_capabilities, drop_privileges, load_kernels, tune_allocator
 from workers import process as worker_process
 
 WATCH_MS = 100  # the loop wakes at least this often (progress, status file), and at once on a child's exit
@@ -213,7 +214,7 @@ class Supervisor:
             self.errors.append(f"MetricsAddress: cannot listen on {self.profile.metrics_address}: "
                                f"{exc.strerror or exc}")
             return 1
-        rundir = tempfile.mkdtemp(prefix="flowmeter-", dir=os.environ.get("XDG_RUNTIME_DIR"))
+        rundir = tempfile.mkdtemp(prefix="flowmeter-", dir=runtime_base())
         self._profile_copy = os.path.join(rundir, "profile.json")  # what a reload applies (checked here first)
         old = {s: signal.signal(s, self._on_signal) for s in self._handlers}
         try:
@@ -222,6 +223,12 @@ class Supervisor:
                     drop_privileges(self.profile.user, rundir)
                 except OSError as exc:
                     self.errors.append(f"User: cannot become {self.profile.user}: {exc.strerror or exc}")
+                    return 1
+            if os.geteuid() != 0:  # a user, perhaps with ambient capabilities (systemd): keep none
+                try:
+                    drop_capabilities()
+                except OSError as exc:
+                    self.errors.append(f"cannot give up the capabilities: {exc.strerror or exc}")
                     return 1
             return self._run(rundir, opened)
         finally:

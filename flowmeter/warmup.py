@@ -5,7 +5,10 @@ cost a child would otherwise pay again (DESIGN.md "Data plane"): the heavy
 modules are imported, every numba kernel version a child will call is
 loaded (compiled, the first time on a machine), and glibc keeps freed batch
 buffers for reuse. Root is given up here too, after the capture sockets are
-open and before any child exists, so no child ever runs as root.
+open and before any child exists, so no child ever runs as root; and so is
+every capability (``drop_capabilities``): an open packet or netlink socket
+keeps working without the capability that opened it, so nothing after the
+opening needs one.
 """
 from __future__ import annotations
 
@@ -65,12 +68,72 @@ def load_kernels(source_kinds: frozenset[str] | set[str] = frozenset()) -> None:
         nflog.warm_up()
 
 
+PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 24, 47, 4  # prctl(2)
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522  # capget(2): two 32-bit words per set
+_CAP_LAST_CAP = "/proc/sys/kernel/cap_last_cap"
+
+
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        import ctypes
+
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def drop_bounding_set() -> None:
+    """As root, before becoming ``User``: no capability can come back later, not even through
+    a program run with file capabilities (PR_CAPBSET_DROP needs CAP_SETPCAP, which only root
+    holds here; without it ``PR_SET_NO_NEW_PRIVS`` alone closes that door)."""
+    libc = _libc()
+    try:
+        with open(_CAP_LAST_CAP) as f:
+            last = int(f.read())
+    except (OSError, ValueError):
+        last = 63
+    for cap in range(last + 1):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            import ctypes
+
+            if ctypes.get_errno() != 22:  # EINVAL: a number this kernel does not know
+                _check(-1, f"prctl(PR_CAPBSET_DROP, {cap})")
+
+
+def drop_capabilities() -> None:
+    """Keep no capability and let no exec give one back: ambient, inheritable, permitted and
+    effective sets emptied, and ``PR_SET_NO_NEW_PRIVS`` set (inherited by every child).
+
+    Called once the sources that need a capability are open and before any
+    child is forked. A unit started with ambient CAP_NET_RAW/CAP_NET_ADMIN
+    (deploy/systemd) needs them only for ``socket(AF_PACKET)`` and for
+    binding an NFLOG group; a capture process started again after a crash
+    reuses the sockets this process opened, and a feed needs none. Emptying
+    a set is always allowed, so this works for any user.
+    """
+    import ctypes
+
+    libc = _libc()
+    _check(libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)  # version, pid 0: this thread
+    data = (ctypes.c_uint32 * 6)()  # {effective, permitted, inheritable} x 2, all zero
+    _check(libc.capset(header, data), "capset")
+    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
 def drop_privileges(user: str, rundir: str) -> None:
     """Started as root with ``User`` set: become that user (its groups only); the runtime
-    directory becomes its own, still closed to everyone else."""
+    directory becomes its own, still closed to everyone else. The bounding set goes first, while
+    root may still drop it; the caller then drops every capability (``drop_capabilities``)."""
     import pwd
 
     entry = pwd.getpwnam(user)
+    drop_bounding_set()
     os.chown(rundir, entry.pw_uid, entry.pw_gid)
     os.chmod(rundir, 0o700)
     os.initgroups(user, entry.pw_gid)

@@ -370,6 +370,11 @@ def test_runs_as_the_configured_user_after_opening_the_ring(lab, tmp_path):
         assert len(procs) >= 4  # supervisor, exporter, worker, capture
         assert {p.uids().effective for p in procs} == {nobody.pw_uid}
         assert {p.uids().real for p in procs} == {nobody.pw_uid}
+        for p in procs:  # no capability left, none to be had again (bounding set), not even through exec
+            fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{p.pid}/status").read_text().splitlines()
+                          if ":\t" in line)
+            assert [int(fields[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")] == [0] * 5, fields
+            assert fields["NoNewPrivs"].strip() == "1", fields
         with entered(a):  # the pipeline's ipc sockets, as this namespace lists them
             paths = [line.split()[-1] for line in Path("/proc/net/unix").read_text().splitlines()[1:]
                      if "flowmeter-" in line]

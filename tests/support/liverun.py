@@ -50,13 +50,16 @@ def _controlling_terminal() -> None:
 class Run:
     """``flowmeter run`` inside a namespace; ``stop()`` drains it with SIGTERM (see the module notes)."""
 
-    def __init__(self, ns: str, tmp: Path, opened: int, terminal: bool = False, **settings) -> None:
+    def __init__(self, ns: str, tmp: Path, opened: int, terminal: bool = False, *, wrap: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None, **settings) -> None:
+        """``wrap``: a command that runs flowmeter (e.g. setpriv as another user); ``env``: added to its
+        environment."""
         self.profile = tmp / "profile.json"
         self.profile.write_text(json.dumps({"FlowMetadata": {"StatisticsIntervalSeconds": 0, **settings}}))
         self.lines: list[str] = []
         self._pty = None
-        cmd = [sys.executable, "-m", "flowmeter.cli", "run", "--profile", str(self.profile)]
-        env = {**os.environ, "FLOWMETER_DEBUG": "1"}
+        cmd = [*wrap, sys.executable, "-m", "flowmeter.cli", "run", "--profile", str(self.profile)]
+        env = {**os.environ, "FLOWMETER_DEBUG": "1", **(env or {})}
         with entered(ns):
             if terminal:
                 self._pty, slave = os.openpty()
