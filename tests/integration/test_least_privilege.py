@@ -55,8 +55,13 @@ def as_user():
     os.chown(runtime, entry.pw_uid, entry.pw_gid)
     wrap = ("setpriv", "--reuid", USER, "--regid", group, "--clear-groups",
             "--inh-caps", CAPS, "--ambient-caps", CAPS, "--")
+    # the user's own kernel cache, where flowmeter would choose it for a user without a home: this
+    # process's NUMBA_CACHE_DIR (root's, set when flowmeter.jit was imported here) is not the user's
+    cache = Path(tempfile.gettempdir()) / f"flowmeter-numba-{entry.pw_uid}"
+    cache.mkdir(mode=0o700, exist_ok=True)
+    os.chown(cache, entry.pw_uid, entry.pw_gid)
     try:
-        yield wrap, shared, {"RUNTIME_DIRECTORY": str(runtime)}
+        yield wrap, shared, {"RUNTIME_DIRECTORY": str(runtime), "NUMBA_CACHE_DIR": str(cache)}
     finally:
         shutil.rmtree(shared, ignore_errors=True)
 
