@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -97,9 +98,18 @@ def set_process_name(name: str) -> None:
 
 
 def end_with_parent() -> None:
-    """Get ``PARENT_GONE_SIGNAL`` when the supervisor dies (killed, say): this process then drains as on a stop."""
-    if _prctl(PR_SET_PDEATHSIG, PARENT_GONE_SIGNAL) and os.getppid() == 1:
-        os.kill(os.getpid(), PARENT_GONE_SIGNAL)  # the supervisor died before the request was made
+    """Get ``PARENT_GONE_SIGNAL`` when the supervisor dies (killed, say): this process then drains as on a stop.
+
+    The supervisor may have died before the request was made: then this
+    process has another parent already. The supervisor's pid is the one
+    recorded at the fork (not "1", the usual reaper: in a container the
+    supervisor itself is pid 1, and its children must not take that for
+    its death).
+    """
+    spawner = multiprocessing.parent_process()
+    supervisor = spawner.pid if spawner is not None else os.getppid()
+    if _prctl(PR_SET_PDEATHSIG, PARENT_GONE_SIGNAL) and os.getppid() != supervisor:
+        os.kill(os.getpid(), PARENT_GONE_SIGNAL)
 
 
 def child_main(name: str, target: Callable[..., int], args: tuple, nice: int = 0, foreign: tuple = (),
