@@ -16,7 +16,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _logged(process, fmt: str, stream, *lines: tuple[int, str]) -> None:
+    """``lines`` logged through ``setup_logging``; the "flowmeter" logger is left as it was found (other
+    tests rely on it: pytest's own handlers, propagation)."""
     old = logs.log_format()
+    logger = logging.getLogger(logs.LOGGER)
+    saved = (list(logger.handlers), logger.propagate, logger.level)
     logs.set_format(fmt)
     try:
         logs.setup_logging(process, stream)
@@ -25,7 +29,11 @@ def _logged(process, fmt: str, stream, *lines: tuple[int, str]) -> None:
             log.log(level, text)
     finally:
         logs.set_format(old)
-        logs.setup_logging()
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        for handler in saved[0]:
+            logger.addHandler(handler)
+        logger.propagate, logger.level = saved[1], saved[2]
 
 
 def test_json_lines_name_the_process_its_role_and_the_level():
@@ -70,6 +78,7 @@ def test_a_hot_path_is_held_back_and_the_next_line_says_how_much():
         log.warning("frame %d malformed", 99)
     finally:
         log.removeHandler(handler)
+        log.propagate = True
     assert out.getvalue().splitlines() == [
         "frame 0 malformed", "frame 1 malformed", "frame 2 malformed", "another kind of line",
         *(f"source {i} line" for i in range(8)),
