@@ -309,11 +309,8 @@ class ExportingProcess:
             if settings.max_message != self.settings.max_message:
                 self._open.clear()
                 self._scratch = Message(settings.max_message)
-            if (settings.interfaces, settings.kernel_interface_names) != (self.interfaces.specs and tuple(
-                    self.interfaces.specs.values()), self.interfaces.kernel):
-                known = self.interfaces.known  # every index met so far, named anew
-                self.interfaces = options.Interfaces(settings.interfaces, settings.kernel_interface_names)
-                self.interfaces.known = {i: self.interfaces.record_for(i) if i else None for i in known}
+            if (settings.interfaces, settings.kernel_interface_names) != self.interfaces.given:
+                self.interfaces = self.interfaces.renamed(settings.interfaces, settings.kernel_interface_names)
                 self._options_messages.clear()
             self.settings = settings
         now = time.monotonic()

@@ -141,6 +141,7 @@ class Interfaces:
     COLUMNS = ("ingressInterface", "egressInterface")
 
     def __init__(self, specs: tuple[InterfaceSpec, ...] = (), kernel: bool = False) -> None:
+        self.given = (tuple(specs), kernel)  # what it was made from (a reload compares)
         self.specs = {s.index: s for s in specs}
         self.kernel = kernel
         self._new_numbers = {s.index: s.export_index for s in specs if s.export_index and s.export_index != s.index}
@@ -178,6 +179,12 @@ class Interfaces:
                     if rec is not None:
                         new.append(rec)
         return new
+
+    def renamed(self, specs: tuple[InterfaceSpec, ...], kernel: bool) -> Interfaces:
+        """New names (a reload): every index met so far, named again by ``specs`` and ``kernel``."""
+        out = Interfaces(specs, kernel)
+        out.known = {i: out.record_for(i) if i else None for i in self.known}
+        return out
 
     def all_records(self) -> list[bytes]:
         return [rec for rec in self.known.values() if rec is not None]

@@ -80,10 +80,14 @@ class Notifier:
     def stopping(self, status: str) -> None:
         self.send("STOPPING=1", f"STATUS={status}")
 
+    def status_due(self, now: float) -> bool:
+        """Whether a ``STATUS=`` would be sent now (its text need not be made otherwise)."""
+        return now - self._status_at >= STATUS_S
+
     def status(self, text: str, now: float | None = None) -> None:
         """``STATUS=`` at most every ``STATUS_S``."""
         now = time.monotonic() if now is None else now
-        if now - self._status_at >= STATUS_S:
+        if self.status_due(now):
             self._status_at = now
             self.send(f"STATUS={text}")
 

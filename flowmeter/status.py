@@ -73,6 +73,7 @@ class PipelineReport:
         self.incidents: list = []  # flowmeter.recovery.Incident: children that died or hung, and their restarts
         self.files_of: dict[str, str] = {}  # capture process reading files -> "pcap:A,pcap:B" (its metrics label)
         self._rates_from: tuple[float, dict[str, int]] = (0.0, {})  # (time, packets per source) at the last write
+        self.rates: dict[str, float] = {}  # packets/s per source over the last interval of the status file
         self._status_written = 0.0
         self._sources_logged = 0.0
 
@@ -236,6 +237,7 @@ class PipelineReport:
         interval = now - then if then else 0.0
         rates = {k: round((v - before.get(k, 0)) / interval, 1) for k, v in packets.items()} if interval else {}
         self._rates_from = (now, packets)
+        self.rates = rates
         self._status_written = now
         usage = {name: {"cpu_s": round(cpu, 2), "rss": rss} for name, _role, cpu, rss in
                  process_usage([c for c in self.children if not c.replaced])}

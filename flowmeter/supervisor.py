@@ -126,7 +126,6 @@ class Supervisor:
         self._ctx: zmq.Context | None = None
         self._why_stopped = ""
         self.notifier = Notifier()  # the service manager (systemd's Type=notify), if it started this run
-        self._rate_from = (0.0, 0)  # (time, packets metered) of the last STATUS=: the current rate
         self._metrics = None  # flowmeter.metrics.MetricsServer, with MetricsAddress
         self._handlers: dict[int, Callable[[], None]] = {
             signal.SIGTERM: self._drain, signal.SIGINT: self._drain, signal.SIGHUP: self._reload}
@@ -461,16 +460,15 @@ class Supervisor:
             current = self._current()
             if current and all(c.heard for c in current):
                 n.ready(self._status_line(now))
-        else:
+        elif n.status_due(now):
             n.status(self._status_line(now), now)
 
     def _status_line(self, now: float) -> str:
-        """One line for ``systemctl status``: the packet rate since the last line, and the totals."""
+        """One line for ``systemctl status``: the current packet rate (the status file's, over its last
+        interval), and the totals."""
         t = self.report.totals()
         packets, records = t["capture"].packets, t["exporter"].records
-        then, before = self._rate_from
-        rate = (packets - before) / (now - then) if then and now > then else 0.0
-        self._rate_from = (now, packets)
+        rate = sum(self.report.rates.values())
         return (f"metering {len(self.live) or len(self.files)} source(s): {rate:,.0f} packets/s now, "
                 f"{packets:,} packets metered, {records:,} flow records exported")
 

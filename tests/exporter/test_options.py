@@ -171,3 +171,12 @@ def test_a_collector_that_is_down_counts_only_flow_records_as_not_sent():
     exp.close()
     assert c.not_sent_messages > 30 and c.errors.get("ECONNREFUSED", 0) > 0
     assert c.flow_records + c.not_sent_records == 30 * 7  # each flow record once, sent or not
+
+
+def test_a_reload_names_again_every_interface_met_so_far():
+    ifs = Interfaces(SPECS)
+    ifs.seen(_records(4, [1, 2], [0]))
+    again = ifs.renamed((InterfaceSpec(1, "uplink"),), kernel=False)
+    assert again.given == (((InterfaceSpec(1, "uplink"),)), False)
+    assert again.all_records() == [interface_record(1, "uplink", "")]  # 2 has no name any more: no record
+    assert again.seen(_records(4, [2], [0])) == []  # but it is known: not looked at again
