@@ -265,11 +265,27 @@ def runtime_base() -> str:
     return unit or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
 
 
+# The systemd units' RuntimeDirectory (deploy/systemd/): flowmeter.service's, and under it one per
+# instance of flowmeter@NAME. Looked in by status and reload besides this shell's runtime_base().
+SERVICE_RUNTIME = "/run/flowmeter"
+
+
+def status_files(base: str | None = None) -> list[str]:
+    """The status files of the runs under ``base``; by default under ``runtime_base()`` and the
+    service units' runtime directories (each file once, however it was reached)."""
+    bases = [base] if base else [runtime_base(), SERVICE_RUNTIME, os.path.join(SERVICE_RUNTIME, "*")]
+    found: dict[str, str] = {}
+    for where in bases:
+        for path in sorted(glob.glob(os.path.join(where, "flowmeter-*", STATUS_FILE))):
+            found.setdefault(os.path.realpath(path), path)
+    return list(found.values())
+
+
 def running_status(base: str | None = None) -> list[dict]:
-    """The status of every flowmeter run this user can see (their runtime directories under ``base``)."""
-    base = base or runtime_base()
+    """The status of every flowmeter run this user can see: their runtime directories under ``base``,
+    by default those ``status_files`` finds."""
     out = []
-    for path in sorted(glob.glob(os.path.join(base, "flowmeter-*", STATUS_FILE))):
+    for path in status_files(base):
         try:
             with open(path) as f:
                 doc = json.load(f)
