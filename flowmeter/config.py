@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import grp
 import ipaddress
 import json
 import math
@@ -283,6 +284,17 @@ def _user(name: str) -> str:
     return name
 
 
+def _groups(items: list[Any]) -> tuple[str, ...]:
+    for index, name in enumerate(items):
+        if not isinstance(name, str) or not name:
+            raise _Rejected(f"entry {index} is not a group name")
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            raise _Rejected(f"{_show(name)} is not a group of this system") from None
+    return tuple(items)
+
+
 def _networks(items: list[Any]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     out = []
     for index, item in enumerate(items):
@@ -470,6 +482,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("User", "user", str, "", "the name of a user of this system",
             "started as root: every process runs as this user once the capture sockets are open; "
             "empty = stay root", _user, restart=True),
+    Setting("Groups", "groups", list, [], "a list of group names of this system",
+            "with User: the supplementary groups every process keeps (none of the user's own memberships "
+            "otherwise)", _groups, list, restart=True),
     Setting("DrainTimeoutSeconds", "drain_timeout_s", float, DRAIN_TIMEOUT_S, "a number of seconds greater than 0",
             "on a stop, the longest wait for every cached flow to be exported; past it what is left is "
             "counted as lost and the run exits 1 (keep systemd's TimeoutStopSec above it)",
@@ -526,6 +541,7 @@ class Profile:
     capture_filter: str
     meter_export: bool
     user: str
+    groups: tuple[str, ...]
     drain_timeout_s: float
     workers: int
     idle_timeout_ms: int

@@ -23,6 +23,7 @@ import glob
 import json
 import logging
 import os
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import psutil
 from flowmeter.ipc.counters import BY_ROLE, END_REASONS, RoleCounters, merge, to_wire
 
 STATUS_FILE = "status.json"
+STATUS_MAX = 4 << 20  # octets of a status file read at most (a run writes a few kilobytes)
 STATUS_WRITE_S = 1.0  # the status file is rewritten this often
 SOURCE_LOG_S = 10.0  # a line per live source this often in the run's log
 ROLES = ("capture", "worker", "exporter")
@@ -259,10 +261,56 @@ class PipelineReport:
 
 def runtime_base() -> str:
     """Where a run makes its runtime directory: the unit's ``RuntimeDirectory`` under systemd
-    (``RUNTIME_DIRECTORY``, its first entry), else ``XDG_RUNTIME_DIR``, else the temporary directory.
-    ``flowmeter status`` and ``reload`` look in the same place."""
+    (``RUNTIME_DIRECTORY``, its first entry); else, as root, ``SERVICE_RUNTIME`` (``/run/flowmeter``:
+    not root's ``XDG_RUNTIME_DIR``, which the profile's ``User`` could not reach); else
+    ``XDG_RUNTIME_DIR``, else the temporary directory. ``flowmeter status`` and ``reload`` look there."""
     unit = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    return unit or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    if unit:
+        return unit
+    if os.geteuid() == 0:
+        return SERVICE_RUNTIME
+    return os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+
+
+def make_runtime_dir() -> str:
+    """A new run's own directory (mode 0700, a name no one can guess or take first) under
+    ``runtime_base()``. ``SERVICE_RUNTIME`` is made if missing (0755, root's) and used only while
+    it is a directory (not a link) that only root may write; otherwise, or where ``/run`` cannot
+    be written, the run's directory goes to the temporary directory instead."""
+    base = runtime_base()
+    if base == SERVICE_RUNTIME:
+        try:
+            os.mkdir(base, 0o755)
+        except FileExistsError:
+            pass
+        except OSError:
+            base = tempfile.gettempdir()
+        if base == SERVICE_RUNTIME:
+            st = os.lstat(base)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+                log.warning("%s is not a directory only root may write: the run's directory is made in %s",
+                            base, tempfile.gettempdir())
+                base = tempfile.gettempdir()
+            else:
+                _remove_left_behind(base)
+    return tempfile.mkdtemp(prefix="flowmeter-", dir=base)
+
+
+LEFT_BEHIND_S = 60.0  # an empty run directory untouched this long belongs to no starting run
+
+
+def _remove_left_behind(base: str) -> None:
+    """The empty directories of ended runs that ran as ``User``: such a run empties its directory
+    but cannot remove it from root's ``base``. A directory changed in the last minute may be a
+    starting run's, and one with anything in it a running one's: both stay."""
+    now = time.time()
+    for path in glob.glob(os.path.join(base, "flowmeter-*")):
+        try:
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode) and now - st.st_mtime > LEFT_BEHIND_S:
+                os.rmdir(path)
+        except OSError:
+            pass
 
 
 # The systemd units' RuntimeDirectory (deploy/systemd/): flowmeter.service's, and under it one per
@@ -281,18 +329,59 @@ def status_files(base: str | None = None) -> list[str]:
     return list(found.values())
 
 
+def trusted(path: str) -> bool:
+    """Whether a status file may be believed: a regular file (not a link) in a run directory (not a
+    link) of the same owner that no one else may write, and that owner the caller or root. Root
+    also reads another user's run, but only below a directory that only root or that user may
+    write (the units' runtime directories, ``/run/flowmeter``), never one all may write like
+    ``/tmp``, where anyone could have left a run directory of their own making."""
+    rundir = os.path.dirname(path)
+    try:
+        st, run, base = os.lstat(path), os.lstat(rundir), os.stat(os.path.dirname(rundir))
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or not stat.S_ISDIR(run.st_mode) or run.st_mode & 0o022:
+        return False
+    if st.st_uid != run.st_uid:
+        return False
+    me = os.geteuid()
+    if st.st_uid in (me, 0):
+        return True
+    return me == 0 and base.st_uid in (0, st.st_uid) and not base.st_mode & 0o022
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+
+
+def printable(value: Any) -> Any:
+    """``value`` (a status document or a part of one) with every control character in its strings
+    written as ``\\xNN``: a status file's text cannot move the cursor or recolour a terminal."""
+    if isinstance(value, str):
+        return value.translate(_CONTROL)
+    if isinstance(value, list):
+        return [printable(v) for v in value]
+    if isinstance(value, dict):
+        return {printable(k): printable(v) for k, v in value.items()}
+    return value
+
+
 def running_status(base: str | None = None) -> list[dict]:
     """The status of every flowmeter run this user can see: their runtime directories under ``base``,
-    by default those ``status_files`` finds."""
+    by default those ``status_files`` finds; files not ``trusted`` are passed over. Strings come
+    back ``printable``."""
     out = []
     for path in status_files(base):
+        if not trusted(path):
+            log.debug("status: %s passed over: not the caller's, root's or in a directory only its owner writes",
+                      path)
+            continue
         try:
-            with open(path) as f:
-                doc = json.load(f)
-        except (OSError, ValueError):
+            with open(path, "rb") as f:
+                doc = json.loads(f.read(STATUS_MAX))
+        except (OSError, ValueError, RecursionError):
             continue
         if isinstance(doc, dict) and isinstance(doc.get("pid"), int) and _alive(doc["pid"]):
-            out.append(doc)
+            out.append(printable(doc))
     return out
 
 

@@ -51,7 +51,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from functools import partial
 from typing import Callable, TextIO
@@ -72,7 +71,7 @@ from flowmeter.ipc.lifecycle import (CONFIG_EXIT, RELOAD_SIGNAL, STOP_DEADLINE_S
 from flowmeter.ipc.schema import EndOfStream, ErrorReport, SchemaError, parse_control
 from flowmeter.notify import Notifier
 from flowmeter.recovery import CRASH_LOOP, CRASH_WINDOW_S, HANG_S, START_GRACE_S, Incident, Restarts
-from flowmeter.status import ChildInfo, PipelineReport, runtime_base
+from flowmeter.status import ChildInfo, PipelineReport, make_runtime_dir, runtime_base
 from flowmeter.warmup import drop_capabilities, drop_privileges, load_kernels, tune_allocator
 from workers import process as worker_process
 
@@ -213,13 +212,25 @@ class Supervisor:
             self.errors.append(f"MetricsAddress: cannot listen on {self.profile.metrics_address}: "
                                f"{exc.strerror or exc}")
             return 1
-        rundir = tempfile.mkdtemp(prefix="flowmeter-", dir=runtime_base())
+        if os.geteuid() == 0 and not self.profile.user:
+            log.warning("running as root: every process, the packet parsers included, keeps root's privileges; "
+                        "set User to a user of its own to run as it once the sources are open")
+        try:
+            rundir = make_runtime_dir()
+        except OSError as exc:
+            for _spec, source in opened:
+                if source is not None:
+                    source.close()
+            if self._metrics is not None:
+                self._metrics.close()
+            self.errors.append(f"cannot make the run's directory in {runtime_base()}: {exc.strerror or exc}")
+            return 1
         self._profile_copy = os.path.join(rundir, "profile.json")  # what a reload applies (checked here first)
         old = {s: signal.signal(s, self._on_signal) for s in self._handlers}
         try:
             if self.profile.user and os.geteuid() == 0:
                 try:
-                    drop_privileges(self.profile.user, rundir)
+                    drop_privileges(self.profile.user, rundir, self.profile.groups)
                 except OSError as exc:
                     self.errors.append(f"User: cannot become {self.profile.user}: {exc.strerror or exc}")
                     return 1

@@ -126,17 +126,20 @@ def drop_capabilities() -> None:
     _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
-def drop_privileges(user: str, rundir: str) -> None:
-    """Started as root with ``User`` set: become that user (its groups only); the runtime
-    directory becomes its own, still closed to everyone else. The bounding set goes first, while
-    root may still drop it; the caller then drops every capability (``drop_capabilities``)."""
+def drop_privileges(user: str, rundir: str, groups: tuple[str, ...] = ()) -> None:
+    """Started as root with ``User`` set: become that user, with its own group and, as supplementary
+    groups, only ``groups`` (the profile's ``Groups``; not the user's memberships in /etc/group); the
+    runtime directory becomes its own, still closed to everyone else. The bounding set goes first,
+    while root may still drop it; the caller then drops every capability (``drop_capabilities``)."""
+    import grp
     import pwd
 
     entry = pwd.getpwnam(user)
+    gids = sorted({grp.getgrnam(name).gr_gid for name in groups})
     drop_bounding_set()
     os.chown(rundir, entry.pw_uid, entry.pw_gid)
     os.chmod(rundir, 0o700)
-    os.initgroups(user, entry.pw_gid)
+    os.setgroups(gids)
     os.setgid(entry.pw_gid)
     os.setuid(entry.pw_uid)
     os.environ["HOME"] = entry.pw_dir

@@ -152,7 +152,7 @@ def test_empty_flow_metadata_gives_defaults(tmp_path: Path) -> None:
         max_message_size=1452, template_refresh_s=30.0, template_refresh_messages=256,
         statistics_interval_s=60.0, exporting_process_id=0, export_rate=EXPORT_RATE,
         export_socket_buffer=4 << 20, sources=(), fanout=1, snap_length=256, capture_filter="",
-            meter_export=False, user="", drain_timeout_s=5.0, workers=0, idle_timeout_ms=15000,
+            meter_export=False, user="", groups=(), drain_timeout_s=5.0, workers=0, idle_timeout_ms=15000,
         max_flows=1_000_000, local_networks=(),
         drop_prefixes=(("drop", 129), ("deny", 129), ("reject", 130)), options_records=True, interfaces=(),
         metrics_address="", source=str(path))

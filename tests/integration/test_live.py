@@ -357,14 +357,21 @@ def test_fanout_two_captures_count_every_packet_once(lab, tmp_path):
 # --- privileges ----------------------------------------------------------------------
 
 def test_runs_as_the_configured_user_after_opening_the_ring(lab, tmp_path):
+    """Started as root with ``User`` and ``Groups``, from a shell whose XDG_RUNTIME_DIR only root can
+    reach (as after ``sudo -i``): the run's directory is made in /run/flowmeter, the user's own."""
+    import grp
     import pwd
 
     import psutil
 
     ns, a, b = lab
     nobody = pwd.getpwnam("nobody")
+    group = grp.getgrnam("nogroup")
+    roots = tmp_path / "user-0"
+    roots.mkdir(mode=0o700)
     with NsNfcapd(a, tmp_path) as nf:
-        run = Run(a, tmp_path, 1, Sources=["afpacket:va"], IpFixCollectors=[nf.collector], User="nobody")
+        run = Run(a, tmp_path, 1, Sources=["afpacket:va"], IpFixCollectors=[nf.collector], User="nobody",
+                  Groups=["nogroup"], env={"XDG_RUNTIME_DIR": str(roots), "RUNTIME_DIRECTORY": ""})
         parent = psutil.Process(run.proc.pid)
         procs = [parent, *parent.children(recursive=True)]
         assert len(procs) >= 4  # supervisor, exporter, worker, capture
@@ -375,19 +382,35 @@ def test_runs_as_the_configured_user_after_opening_the_ring(lab, tmp_path):
                           if ":\t" in line)
             assert [int(fields[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")] == [0] * 5, fields
             assert fields["NoNewPrivs"].strip() == "1", fields
+            # the user's group, and as supplementary groups only those of the profile
+            assert {int(g) for g in fields["Gid"].split()} == {nobody.pw_gid}, fields
+            assert fields["Groups"].split() == [str(group.gr_gid)], fields
         with entered(a):  # the pipeline's ipc sockets, as this namespace lists them
             paths = [line.split()[-1] for line in Path("/proc/net/unix").read_text().splitlines()[1:]
                      if "flowmeter-" in line]
         assert paths
         rundir = Path(paths[0]).parent
+        assert rundir.parent == Path("/run/flowmeter"), rundir
         st = rundir.stat()
         assert st.st_uid == nobody.pw_uid and st.st_mode & 0o777 == 0o700
         ns.run(a, "ping", "-c", "3", "-i", "0.05", B4)
         time.sleep(0.2)
-        run.stop()
+        log = run.stop()
         rows = nf.records()
     packets, _, _ = exported(rows)
     assert packets[(A4, B4, 1, 0, 8)] == 3 and packets[(B4, A4, 1, 0, 0)] == 3
+    # the user empties its directory; root's next start removes it (the user may not, in root's /run/flowmeter)
+    assert "running as root" not in log and list(rundir.iterdir()) == [], log
+
+
+def test_running_as_root_without_user_says_so_once(lab, tmp_path):
+    ns, a, b = lab
+    with NsNfcapd(a, tmp_path) as nf:
+        run = Run(a, tmp_path, 1, Sources=["afpacket:va"], IpFixCollectors=[nf.collector])
+        log = run.stop()
+    said = [line for line in log.splitlines() if "running as root" in line]
+    assert said == ["flowmeter: running as root: every process, the packet parsers included, keeps root's "
+                    "privileges; set User to a user of its own to run as it once the sources are open"], log
 
 
 # --- the datapath feed ------------------------------------------------------------------
