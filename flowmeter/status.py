@@ -116,6 +116,12 @@ class PipelineReport:
         lines.append("lost: " + ("; ".join(self.losses()) or "none"))
         return "\n".join(lines + self.source_lines())
 
+    def in_flight(self) -> int:
+        """Packets metered that the exporter has not received yet: in the workers' flow tables
+        (until their flows end) or on their way."""
+        t = self.totals()
+        return max(t["capture"].packets - t["exporter"].packets, 0)
+
     def ignored_packets(self) -> int:
         """Packets metered and then lost inside flowmeter, as known while it runs (the statistics
         records' ignoredPacketTotalCount): flows held by workers that died, batches given up for them,
@@ -148,8 +154,12 @@ class PipelineReport:
                 unread += max(read - sum(g.frames for g in gens), 0)
         return unread
 
-    def losses(self) -> list[str]:
+    def losses(self, running: bool = False) -> list[str]:
         """What was metered and did not reach the collectors, by where it was lost (empty: nothing).
+
+        ``running``: while the pipeline runs, packets metered and not yet at
+        the exporter are mostly in the workers' flow tables, not lost: only
+        what is known lost (``ignored_packets``) is said for them.
 
         Counted from the processes' reports, summed over every process of a
         name (a restarted child's predecessors too): packets metered that no
@@ -164,7 +174,11 @@ class PipelineReport:
         cap, wrk, exp = t["capture"], t["worker"], t["exporter"]
         out = []
         inside = cap.packets - exp.packets + self._unread()
-        if inside:
+        if running:
+            known = self.ignored_packets()
+            if known:
+                out.append(f"{known:,} packets metered or read were lost by processes that died")
+        elif inside:
             held = f"; {wrk.active_flows:,} flows were held by workers that ended without flushing them" \
                 if wrk.active_flows else ""
             out.append(f"{inside:,} packets metered or read never reached the exporter{held}")
@@ -246,7 +260,7 @@ class PipelineReport:
         doc = {"pid": os.getpid(), "profile": self.profile, "uptime_s": round(now - self.started, 1),
                "sources": self.sources, "lines": self.source_lines(), "rates": rates,
                "interval_s": round(interval, 2), "processes": usage,
-               "incidents": [i.line() for i in self.incidents], "lost": self.losses(),
+               "incidents": [i.line() for i in self.incidents], "lost": self.losses(running=True), "in_flight": self.in_flight(),
                "children": {c.name: {"role": c.role, "pid": c.process.pid, "alive": c.process.exitcode is None,
                                      "counters": to_wire(c.counters) if c.counters is not None else {}}
                             for c in self.children}}
@@ -396,6 +410,9 @@ def describe_runs(runs: list[dict]) -> str:
         lines.extend(f"  {source}: {rate:,.0f} packets/s over the last {interval:g} s"
                      for source, rate in sorted(doc.get("rates", {}).items()))
         lines.extend(f"  restart: {line}" for line in doc.get("incidents", []))
+        if doc.get("in_flight"):
+            lines.append(f"  held: {doc['in_flight']:,} packets metered are in flows not ended yet or on their "
+                         "way to the exporter")
         lines.extend(f"  lost: {line}" for line in doc.get("lost", []))
         usage = doc.get("processes", {})
         if "supervisor" in usage:

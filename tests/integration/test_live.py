@@ -183,6 +183,9 @@ def test_afpacket_meters_exactly_what_crossed_the_link(lab, tmp_path):
     assert status.returncode == 0, status.stderr
     assert f"pid {run.proc.pid}" in status.stdout and "afpacket:va:" in status.stdout, status.stdout
     assert "kernel drops 0" in status.stdout and "packets metered" in status.stdout
+    # the flows not ended yet are held, not lost
+    assert "lost:" not in status.stdout and re.search(r"^  held: [1-9][\d,]* packets metered are in flows not ended",
+                                                      status.stdout, re.M), status.stdout
 
 
 def _src_port_of_export(packets: Counter, port: int) -> int:
