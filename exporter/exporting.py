@@ -293,6 +293,9 @@ class ExportingProcess:
                     for domain in (*self._flow_domains, *((STATS_DOMAIN,) if settings.stats_interval_s else ())):
                         s.domain(domain)  # due: the next tick() sends them
                 else:
+                    reconfigure = getattr(s.transport, "reconfigure", None)  # DTLS: new settings, new association
+                    if reconfigure is not None:
+                        reconfigure(a)
                     s.transport.address = a  # the same collector, perhaps with other settings of its own
                     s.set_max_message(a.max_message or settings.max_message, time.monotonic())
                     s.set_header_domain(a.domain)
@@ -453,6 +456,8 @@ class ExportingProcess:
 
     def _pump(self, s: Session, now: float) -> None:
         q = s.queue
+        if not s.ready(now):  # a DTLS handshake under way: the queue waits for it
+            return
         if q:
             s.check_size(now)
         while q:
