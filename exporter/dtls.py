@@ -149,6 +149,7 @@ def load_context(ca_file: str, cert_file: str = "", key_file: str = "") -> SSL.C
         raise DtlsSettingsError("KeyFile without CertFile")
     if cert_file:
         key_file = key_file or cert_file
+        ctx.set_passwd_cb(lambda *_: b"")  # an encrypted key fails here instead of asking a terminal
         for what, path in (("CertFile", cert_file), ("KeyFile", key_file)):
             if not os.path.isfile(path):
                 raise DtlsSettingsError(f"{what} {path!r} is not a file")
