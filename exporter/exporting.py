@@ -170,7 +170,12 @@ class ExportingProcess:
 
     @staticmethod
     def _session(address: CollectorAddress, settings: ExportSettings) -> Session:
-        transport = open_transport(address, settings.socket_buffer)
+        if address.kind == "dtls":
+            from .dtls import DtlsTransport  # pyOpenSSL is loaded only where a DTLS collector is
+
+            transport = DtlsTransport(address, settings.socket_buffer)
+        else:
+            transport = open_transport(address, settings.socket_buffer)
         if hasattr(transport, "gso"):
             transport.gso = settings.segmented_sends
         return Session(transport, settings.refresh_s, settings.refresh_messages, settings.export_rate,

@@ -38,8 +38,8 @@
   planted in a shared directory cannot turn the export into a write to
   another file. A file it creates gets mode 0640 whatever the umask
   (flow records tell who talked to whom); an existing file keeps its mode.
-* ``DtlsTransport`` (``exporter/dtls.py``): the same UDP socket as
-  ``UdpTransport``, carrying DTLS records (RFC 7011 §11).
+* ``DtlsTransport`` (``exporter/dtls.py``, which builds on this module):
+  the same UDP socket as ``UdpTransport``, carrying DTLS records (RFC 7011 §11).
 
 Both have ``paced``: the exporting process paces UDP collectors (a
 receiver drops what its socket buffer cannot hold), never files.
@@ -692,10 +692,6 @@ class FileTransport:
 def open_transport(address: CollectorAddress, send_buffer: int = SEND_BUFFER):
     if address.kind == "udp":
         return UdpTransport(address, send_buffer)
-    if address.kind == "dtls":
-        from .dtls import DtlsTransport  # pyOpenSSL is loaded only where a DTLS collector is
-
-        return DtlsTransport(address, send_buffer)
     if address.kind == "file":
         return FileTransport(address)
     raise ValueError(f"unknown transport kind {address.kind!r}")
