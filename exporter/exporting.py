@@ -170,7 +170,12 @@ class ExportingProcess:
 
     @staticmethod
     def _session(address: CollectorAddress, settings: ExportSettings) -> Session:
-        transport = open_transport(address, settings.socket_buffer)
+        if address.kind == "dtls":
+            from .dtls import DtlsTransport  # pyOpenSSL is loaded only where a DTLS collector is
+
+            transport = DtlsTransport(address, settings.socket_buffer)
+        else:
+            transport = open_transport(address, settings.socket_buffer)
         if hasattr(transport, "gso"):
             transport.gso = settings.segmented_sends
         return Session(transport, settings.refresh_s, settings.refresh_messages, settings.export_rate,
@@ -293,6 +298,9 @@ class ExportingProcess:
                     for domain in (*self._flow_domains, *((STATS_DOMAIN,) if settings.stats_interval_s else ())):
                         s.domain(domain)  # due: the next tick() sends them
                 else:
+                    reconfigure = getattr(s.transport, "reconfigure", None)  # DTLS: new settings, new association
+                    if reconfigure is not None:
+                        reconfigure(a)
                     s.transport.address = a  # the same collector, perhaps with other settings of its own
                     s.set_max_message(a.max_message or settings.max_message, time.monotonic())
                     s.set_header_domain(a.domain)
@@ -453,6 +461,8 @@ class ExportingProcess:
 
     def _pump(self, s: Session, now: float) -> None:
         q = s.queue
+        if not s.ready(now):  # a DTLS handshake under way: the queue waits for it
+            return
         if q:
             s.check_size(now)
         while q:

@@ -52,6 +52,16 @@ process gave up this collector's oldest messages, see
 ``exporter/exporting.py``) or ``STOPPED``; the causes add up to
 ``not_sent_messages``.
 
+DTLS (``exporter/dtls.py``): every association is a transport session of
+its own (RFC 7011 §10.3, §11). ``ready()`` lets the transport advance its
+handshake; when it reports a new association, every domain's sequence
+number starts again at 0 and its templates are due, so they go before any
+data, as for a new UDP transport session. While a handshake is under way
+nothing leaves (``allowance()`` is 0, ``send_wait()`` a few milliseconds,
+so the exporting process comes back to it); while the association is down
+sends fail at once and count as not sent under the transport's cause
+("certificate refused", "handshake failed", "ECONNREFUSED", ...).
+
 Pacing: a session has its own queue of finished messages (``Outgoing``,
 shared by every session they are queued for and stamped with this
 session's sequence number and export time only when they leave) and, for a
@@ -87,6 +97,7 @@ TOO_BIG = "EMSGSIZE"  # the path refused a message even at the smallest size
 PATH_CHECK_S = 2.0  # a UDP collector's path MTU is read again this often (and at every EMSGSIZE)
 MIN_MESSAGE = 256  # never smaller messages than this, whatever the path says (MaxMessageSize's minimum)
 SAFE_PACKET = 512  # IP packet octets when the path MTU cannot be trusted (RFC 7011 §10.3.3)
+HANDSHAKE_POLL_S = 0.005  # a DTLS handshake under way is looked at again this often
 
 
 @dataclass(slots=True)
@@ -215,8 +226,34 @@ class Session:
         self._peer_full = False  # the local collector's receive queue had no room at the last look
         self._peer_paced = False  # the last allowance came from that queue, not from the tokens
         self.last_cause = ""  # errno name of the last failed send ("ENOSPC", "ECONNREFUSED", ...)
+        self._association = 0  # the transport's association this session's state belongs to (DTLS)
         self.set_pace(rate, burst)
         self.check_size(time.monotonic(), force=True)
+
+    # --- transport session ------------------------------------------------
+    def ready(self, now: float) -> bool:
+        """Let the transport make progress (a DTLS handshake); False while nothing may leave yet.
+
+        A new DTLS association is a new transport session: sequence numbers
+        from 0, templates first, the size read again (``restart``).
+        """
+        progress = getattr(self.transport, "progress", None)
+        if progress is None:
+            return True
+        ok = progress(now)
+        if self.transport.association != self._association:
+            self._association = self.transport.association
+            self.restart(now)
+        return ok
+
+    def restart(self, now: float) -> None:
+        """A new transport session with the same collector: every domain's sequence number starts at 0
+        and its templates go first (RFC 7011 §3.1, §8)."""
+        for st in self.domains.values():
+            st.sequence = 0
+            st.templates_sent_at = None
+            st.messages_since_templates = 0
+        self.check_size(now, force=True)
 
     # --- message size ---------------------------------------------------
     def check_size(self, now: float, force: bool = False) -> int:
@@ -329,6 +366,8 @@ class Session:
         take: no rate needs guessing. For any other collector, or when that
         queue cannot be read, the tokens.
         """
+        if getattr(self.transport, "handshaking", False):
+            return 0.0
         if self.bucket is None:
             return math.inf
         peer = getattr(self.transport, "peer", None)
@@ -345,6 +384,8 @@ class Session:
         collector); None = nothing queued."""
         if not self.queue:
             return None
+        if getattr(self.transport, "handshaking", False):
+            return HANDSHAKE_POLL_S
         if self.bucket is None:
             return 0.0
         if self._peer_paced:
@@ -468,7 +509,7 @@ class Session:
                     peer.sent(sent, out.size)
         if error is None:
             return sent, 0
-        self.last_cause = errno.errorcode.get(error.errno or 0, "EIO")
+        self.last_cause = error.cause or errno.errorcode.get(error.errno or 0, "EIO")
         if error.errno == errno.EMSGSIZE and self._refused(out.size, now):
             return sent, 0  # not lost: cut smaller (``fit_head``) or as it is, it goes again
         if error.errno == errno.EMSGSIZE:  # even the smallest size does not pass: not sent, no templates due

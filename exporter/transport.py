@@ -33,7 +33,13 @@
   ``SO_SNDBUF`` capped by ``net.core.wmem_max``); ``granted_buffer`` is
   what the kernel reports (Linux doubles the request for its bookkeeping).
 * ``FileTransport``: messages appended to a file, the RFC 5655 format that
-  ``ipfixDump`` and other IPFIX file tools read.
+  ``ipfixDump`` and other IPFIX file tools read. The path is opened with
+  ``O_NOFOLLOW``: a symbolic link there is refused (``ELOOP``), so a link
+  planted in a shared directory cannot turn the export into a write to
+  another file. A file it creates gets mode 0640 whatever the umask
+  (flow records tell who talked to whom); an existing file keeps its mode.
+* ``DtlsTransport`` (``exporter/dtls.py``, which builds on this module):
+  the same UDP socket as ``UdpTransport``, carrying DTLS records (RFC 7011 §11).
 
 Both have ``paced``: the exporting process paces UDP collectors (a
 receiver drops what its socket buffer cannot hold), never files.
@@ -84,15 +90,18 @@ class TransportError(OSError):
     """A message that could not be handed to the network or the file.
 
     ``lost`` is how many messages the failed call took with it: 1, or all
-    the messages of one segmented send.
+    the messages of one segmented send. ``cause`` names why for the
+    not-sent counters when no errno does ("" = the errno's name): a DTLS
+    certificate refused, a handshake that failed (``exporter/dtls.py``).
     """
 
     lost = 1
+    cause = ""
 
 
 @dataclass(frozen=True, slots=True)
 class CollectorAddress:
-    """Where a collector is: ``kind`` "udp" (host, port) or "file" (path).
+    """Where a collector is: ``kind`` "udp" or "dtls" (host, port), or "file" (path).
 
     ``max_message`` and ``domain`` are this collector's own settings, if it
     has any: the largest message it gets (0: the exporter's) and the
@@ -100,6 +109,13 @@ class CollectorAddress:
     records' own). They are not part of the collector's identity (equality,
     hash): the same address with other settings is the same collector, so
     a reload that changes them keeps its transport session.
+
+    A "dtls" collector also has its DTLS settings (``exporter/dtls.py``):
+    ``ca_file`` (PEM CA certificates that verify it), ``server_name`` (the
+    name its certificate must carry; "" = ``host``), and optionally
+    ``cert_file``/``key_file`` (a client certificate and its key; the key
+    may be in ``cert_file``). Not part of its identity either: a reload
+    that changes them makes a new association with the same collector.
     """
 
     kind: str
@@ -108,12 +124,21 @@ class CollectorAddress:
     path: str = ""
     max_message: int = field(default=0, compare=False)
     domain: int | None = field(default=None, compare=False)
+    ca_file: str = field(default="", compare=False)
+    server_name: str = field(default="", compare=False)
+    cert_file: str = field(default="", compare=False)
+    key_file: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         if self.kind == "file":
             return f"File/{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"Udp/{host}:{self.port}"
+        return f"{self.kind.capitalize()}/{host}:{self.port}"
+
+    @property
+    def dtls_settings(self) -> tuple[str, str, str, str]:
+        """What a DTLS association to this collector is made with (a change: a new one)."""
+        return (self.ca_file, self.server_name or self.host, self.cert_file, self.key_file)
 
 
 PEER_POLL_S = 0.001  # how often a local collector's receive queue is read while messages wait
@@ -298,6 +323,45 @@ class LocalPeerQueue:
         self._sent_since_read += n * datagram_truesize(size)
 
 
+def apply_send_buffer(sock: socket.socket, octets: int) -> int:
+    """Ask for an ``octets`` send buffer on ``sock``; what the kernel granted."""
+    try:  # root (CAP_NET_ADMIN) may go past net.core.wmem_max
+        sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, octets)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, octets)
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+
+def connected_udp_socket(host: str, port: int, family: int, send_buffer: int) -> tuple[socket.socket, int]:
+    """A non-blocking UDP socket connected to (host, port) that never fragments, and its granted send
+    buffer; raises ``OSError``."""
+    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        granted = apply_send_buffer(sock, send_buffer)
+        if family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO)
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_DONTFRAG, 1)
+        sock.connect((host, port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock, granted
+
+
+def socket_path_mtu(sock: socket.socket | None, family: int) -> int | None:
+    """The kernel's MTU for a connected socket's path now; None without a socket (or a route)."""
+    if sock is None:
+        return None
+    try:
+        if family == socket.AF_INET:
+            return sock.getsockopt(socket.IPPROTO_IP, _IP_MTU)
+        return sock.getsockopt(socket.IPPROTO_IPV6, _IPV6_MTU)
+    except OSError:  # ENOTCONN: no route for the moment
+        return None
+
+
 class UdpTransport:
     """A connected, non-blocking UDP socket to one collector."""
 
@@ -323,22 +387,11 @@ class UdpTransport:
         return self.granted_buffer
 
     def _apply_send_buffer(self, sock: socket.socket) -> None:
-        try:  # root (CAP_NET_ADMIN) may go past net.core.wmem_max
-            sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, self.send_buffer)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
-        self.granted_buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        self.granted_buffer = apply_send_buffer(sock, self.send_buffer)
 
     def path_mtu(self) -> int | None:
         """The kernel's MTU for this socket's path now; None without a socket (or a route)."""
-        if self._sock is None:
-            return None
-        try:
-            if self.family == socket.AF_INET:
-                return self._sock.getsockopt(socket.IPPROTO_IP, _IP_MTU)
-            return self._sock.getsockopt(socket.IPPROTO_IPV6, _IPV6_MTU)
-        except OSError:  # ENOTCONN: no route for the moment
-            return None
+        return socket_path_mtu(self._sock, self.family)
 
     def path_budget(self) -> int | None:
         """Octets of the largest IPFIX message the path takes unfragmented; None when unknown."""
@@ -348,18 +401,10 @@ class UdpTransport:
         return min(mtu - IP_UDP_OVERHEAD[self.family], UDP_LARGEST[self.family])
 
     def _connect(self, now: float) -> bool:
-        family = self.family
-        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            self._apply_send_buffer(sock)
-            if family == socket.AF_INET:
-                sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO)
-            else:
-                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_DONTFRAG, 1)
-            sock.connect((self.address.host, self.address.port))
-            sock.setblocking(False)
+            sock, self.granted_buffer = connected_udp_socket(self.address.host, self.address.port, self.family,
+                                                             self.send_buffer)
         except OSError as exc:
-            sock.close()
             self.last_error = f"cannot connect: {exc.strerror or exc}"
             self._next_connect = now + RECONNECT_S
             return False
@@ -452,6 +497,35 @@ class UdpTransport:
             self.peer.close()
 
 
+FILE_MODE = 0o640  # a new File/ output's mode, whatever the umask
+_OUTPUT_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+def open_output(path: str) -> int:
+    """A file descriptor appending to ``path``: a new file (mode ``FILE_MODE``) or the one there.
+
+    Never through a symbolic link: ``O_NOFOLLOW`` makes one at ``path``
+    ``ELOOP`` (and ``O_EXCL`` never follows one either). A file made here
+    is set to ``FILE_MODE`` with ``fchmod`` (the umask only takes bits away
+    at ``open``); an existing file keeps its mode.
+    """
+    for _ in range(3):  # made or removed by someone else between the two opens: look again
+        try:
+            fd = os.open(path, _OUTPUT_FLAGS | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        except FileExistsError:
+            try:
+                return os.open(path, _OUTPUT_FLAGS)
+            except FileNotFoundError:
+                continue
+        try:
+            os.fchmod(fd, FILE_MODE)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+    raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+
 class FileTransport:
     """IPFIX file (RFC 5655 §4): messages appended one after the other, never a torn one.
 
@@ -503,11 +577,13 @@ class FileTransport:
         self._close_fd()
         self._cut_to = -1
         try:
-            self._fd = os.open(self.address.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._fd = open_output(self.address.path)
             self.size = os.fstat(self._fd).st_size
         except OSError as exc:
             self._close_fd()
             self._fail(exc.errno, "cannot open", now)
+            if exc.errno == errno.ELOOP:
+                self.last_error = "cannot open: the path is a symbolic link, refused (O_NOFOLLOW)"
             return False
         self._reopen = False
         return True

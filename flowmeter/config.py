@@ -39,8 +39,10 @@ from flowmeter.ipc.packets import DROP_REASONS
 
 SECTION = "FlowMetadata"
 DIRECTIONS = ("Both", "SendingToPeer", "ReceivedFromPeer")
-COLLECTOR_FORMS = "Udp/ADDRESS:PORT or File/PATH"
-COLLECTOR_KEYS = ("Address", "ObservationDomainId", "MaxMessageSize")  # keys of a collector given as an object
+COLLECTOR_FORMS = "Udp/ADDRESS:PORT, Dtls/ADDRESS:PORT or File/PATH"
+# keys of a collector given as an object; the DTLS ones are for Dtls/ collectors only
+DTLS_KEYS = ("CaFile", "ServerName", "CertFile", "KeyFile")
+COLLECTOR_KEYS = ("Address", "ObservationDomainId", "MaxMessageSize", *DTLS_KEYS)
 DOMAIN_ACCEPTS = "a whole number from 0 to 4294967295"
 SIZE_ACCEPTS = "a whole number of octets from 256 to 65507"
 SOURCE_FORMS = "pcap:PATH, afpacket:IFACE, nflog:GROUP or feed:ENDPOINT"
@@ -130,6 +132,9 @@ def _collectors(items: list[Any]) -> tuple[CollectorAddress, ...]:
             address = _collector_object(item) if isinstance(item, dict) else _collector(item)
         except _Rejected as exc:
             raise _Rejected(exc.detail, where + exc.where) from None
+        if address.kind == "dtls" and not address.ca_file:  # the string form: no room for its CaFile
+            raise _Rejected(f"{_show(item)} needs CaFile: write it as an object "
+                            f"{{\"Address\": {_show(item)}, \"CaFile\": PEM}}", where)
         if address in seen:  # the same address with other settings is still the same collector
             shown = item.get("Address") if isinstance(item, dict) else item
             raise _Rejected(f"{_show(shown)} repeats IpFixCollectors[{seen[address]}]", where)
@@ -144,6 +149,8 @@ def _collector_object(item: dict[str, Any]) -> CollectorAddress:
     ``ObservationDomainId`` replaces the domain in the headers of this
     collector's messages (statistics stay in domain 0); ``MaxMessageSize``
     is this collector's largest message (a UDP path may still lower it).
+    A ``Dtls/`` collector also takes ``CaFile`` (required), ``ServerName``,
+    ``CertFile`` and ``KeyFile`` (``_dtls_settings``).
     """
     for key in item:
         if key not in COLLECTOR_KEYS:
@@ -161,17 +168,54 @@ def _collector_object(item: dict[str, Any]) -> CollectorAddress:
         raise _Rejected(f"{_show(domain)} is not {DOMAIN_ACCEPTS}", ".ObservationDomainId")
     if "MaxMessageSize" in item and not (_is_json_type(size, int) and 256 <= size <= 65507):
         raise _Rejected(f"{_show(size)} is not {SIZE_ACCEPTS}", ".MaxMessageSize")
-    return dataclasses.replace(address, max_message=size, domain=domain)
+    address = dataclasses.replace(address, max_message=size, domain=domain)
+    if address.kind == "dtls":
+        return _dtls_settings(item, address)
+    for key in DTLS_KEYS:
+        if key in item:
+            raise _Rejected(f"applies to Dtls/ collectors only, not {_show(item['Address'])}", f".{key}")
+    return address
+
+
+def _dtls_settings(item: dict[str, Any], address: CollectorAddress) -> CollectorAddress:
+    """A ``Dtls/`` collector's CA, name and client certificate, each file loaded once now (as the exporter
+    will) so that a wrong one is refused before anything starts."""
+    from exporter.dtls import DtlsSettingsError, load_context
+
+    values = {}
+    for key in DTLS_KEYS:
+        value = item.get(key, "")
+        if not isinstance(value, str):
+            raise _Rejected(f"{_show(value)} is not a string", f".{key}")
+        values[key] = value
+    if not values["CaFile"]:
+        raise _Rejected(f"{_show(item['Address'])} needs CaFile: the PEM CA certificates that verify the collector",
+                        ".CaFile")
+    if "ServerName" in item and not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", values["ServerName"]):
+        raise _Rejected(f"{_show(values['ServerName'])} is not a host name or an address", ".ServerName")
+    try:
+        load_context(values["CaFile"], values["CertFile"], values["KeyFile"])
+    except DtlsSettingsError as exc:
+        key = next((k for k in DTLS_KEYS if str(exc).startswith(k)), "CaFile")
+        raise _Rejected(str(exc), f".{key}") from None
+    return dataclasses.replace(address, ca_file=values["CaFile"], cert_file=values["CertFile"],
+                               key_file=values["KeyFile"],
+                               server_name=values["ServerName"] or address.server_name)
 
 
 def _collector(item: Any) -> CollectorAddress:
-    """One ``"Udp/ADDRESS:PORT"`` or ``"File/PATH"`` entry, host names resolved now."""
+    """One ``"Udp/ADDRESS:PORT"``, ``"Dtls/ADDRESS:PORT"`` or ``"File/PATH"`` entry, host names resolved now.
+
+    A ``Dtls/`` one keeps the host as written as its ``server_name`` (the
+    name its certificate is checked for, unless ``ServerName`` says another).
+    """
     if not isinstance(item, str):
         raise _Rejected(f"{_show(item)} is not {COLLECTOR_FORMS}")
     kind, _, rest = item.partition("/")
-    if kind.lower() == "file":
+    kind = kind.lower()
+    if kind == "file":
         return _file_collector(item, rest)
-    match = _UDP_TARGET.fullmatch(rest) if kind.lower() == "udp" else None
+    match = _UDP_TARGET.fullmatch(rest) if kind in ("udp", "dtls") else None
     if match is None:
         raise _Rejected(f"{_show(item)} is not {COLLECTOR_FORMS}")
     port = int(match["port"])
@@ -184,6 +228,8 @@ def _collector(item: Any) -> CollectorAddress:
             raise _Rejected(f"{_show(match['v6'])} in {_show(item)} is not an IPv6 address") from None
     else:
         host = _resolve(match["host"], port, item)
+    if kind == "dtls":
+        return CollectorAddress(kind="dtls", host=host, port=port, server_name=match["v6"] or match["host"])
     return CollectorAddress(kind="udp", host=host, port=port)
 
 
@@ -205,6 +251,8 @@ def _file_collector(item: str, path: str) -> CollectorAddress:
         raise _Rejected(f"empty path in {_show(item)}")
     if os.path.isdir(path):
         raise _Rejected(f"{_show(path)} in {_show(item)} is a directory")
+    if os.path.islink(path):
+        raise _Rejected(f"{_show(path)} in {_show(item)} is a symbolic link (File/ outputs never follow one)")
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
         raise _Rejected(f"directory {_show(parent)} of {_show(item)} does not exist")
@@ -386,7 +434,7 @@ def _collector_strings(collectors: tuple[CollectorAddress, ...]) -> list[str | d
     """Each collector as its string, or as an object when it has settings of its own."""
     out: list[str | dict[str, Any]] = []
     for c in collectors:
-        if not c.max_message and c.domain is None:
+        if not c.max_message and c.domain is None and c.kind != "dtls":
             out.append(str(c))
             continue
         entry: dict[str, Any] = {"Address": str(c)}
@@ -394,6 +442,12 @@ def _collector_strings(collectors: tuple[CollectorAddress, ...]) -> list[str | d
             entry["ObservationDomainId"] = c.domain
         if c.max_message:
             entry["MaxMessageSize"] = c.max_message
+        if c.kind == "dtls":
+            entry["CaFile"] = c.ca_file
+            entry["ServerName"] = c.server_name or c.host
+            for key, value in (("CertFile", c.cert_file), ("KeyFile", c.key_file)):
+                if value:
+                    entry[key] = value
         out.append(entry)
     return out
 
@@ -421,9 +475,11 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("IpFixCollectors", "collectors", list, [], "a list of strings",
-            "collectors: Udp/ADDRESS:PORT ([IPv6] in brackets, host names resolved at load) "
-            "or File/PATH (RFC 5655 file), or an object {\"Address\": ..., \"ObservationDomainId\": N, "
-            "\"MaxMessageSize\": M} with settings of that collector only", _collectors, _collector_strings),
+            "collectors: Udp/ADDRESS:PORT ([IPv6] in brackets, host names resolved at load), "
+            "Dtls/ADDRESS:PORT (DTLS 1.2, as an object with its CaFile) or File/PATH (RFC 5655 file), or an "
+            "object {\"Address\": ..., \"ObservationDomainId\": N, \"MaxMessageSize\": M, \"CaFile\": PEM, "
+            "\"ServerName\": NAME, \"CertFile\": PEM, \"KeyFile\": PEM} with settings of that collector only",
+            _collectors, _collector_strings),
     Setting("Direction", "direction", str, "Both", "one of " + ", ".join(DIRECTIONS),
             "traffic metered: Both, SendingToPeer (egress only), ReceivedFromPeer (ingress only)",
             _direction),

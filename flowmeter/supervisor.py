@@ -603,12 +603,12 @@ def export_settings(p: Profile, live: bool = True) -> ExportSettings:
 
 
 def exclusions(p: Profile) -> tuple:
-    """(ip_version, hi, lo, port) of every UDP collector exported to, unless MeterExport is on."""
+    """(ip_version, hi, lo, port) of every UDP or DTLS collector exported to, unless MeterExport is on."""
     if p.meter_export or not p.enabled:
         return ()
     out = []
     for c in p.collectors:
-        if c.kind != "udp":
+        if c.kind not in ("udp", "dtls"):
             continue
         try:
             addr = ipaddress.ip_address(c.host)

@@ -323,3 +323,45 @@ def test_input_is_held_back_only_while_every_queue_is_full(monkeypatch):
     assert exp.sessions[0].queued == 20  # a is back at its limit: its oldest given up
     assert exp.sessions[0].counters.errors == {"queue full": 11}
     assert not exp.drain(stop=lambda: True)
+
+
+# --- where and how a File/ output is opened -------------------------------------------------------
+
+def test_a_symlink_at_a_file_path_is_refused_and_its_target_untouched(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"precious")
+    path = tmp_path / "out.ipfix"
+    path.symlink_to(target)
+    exp = _file_exporter(path)
+    (line,) = exp.unopened()
+    assert line == (f"collector File/{path}: cannot open: the path is a symbolic link, refused (O_NOFOLLOW); "
+                    f"its records are counted as not sent and the file is tried again every 1 s")
+    exp.export(exp.registry[TCP], synthetic_records(TCP, PER * 2, seed=1), 1, now=100.0)
+    exp.close()
+    c = exp.sessions[0].counters
+    assert c.messages == 0 and c.not_sent_records == PER * 2 and set(c.errors) == {"ELOOP"}
+    assert target.read_bytes() == b"precious" and path.is_symlink()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o000])
+def test_a_new_file_is_made_mode_0640_whatever_the_umask(tmp_path, umask):
+    path = tmp_path / "out.ipfix"
+    old = os.umask(umask)
+    try:
+        exp = _file_exporter(path)
+    finally:
+        os.umask(old)
+    exp.export(exp.registry[TCP], synthetic_records(TCP, PER, seed=1), 1, now=100.0)
+    exp.close()
+    assert path.stat().st_mode & 0o7777 == 0o640
+    assert len(ipfixdump_records(path)) == PER
+
+
+def test_an_existing_file_keeps_its_mode(tmp_path):
+    path = tmp_path / "out.ipfix"
+    path.write_bytes(b"")
+    path.chmod(0o600)
+    exp = _file_exporter(path)
+    exp.export(exp.registry[TCP], synthetic_records(TCP, PER, seed=1), 1, now=100.0)
+    exp.close()
+    assert path.stat().st_mode & 0o7777 == 0o600 and path.stat().st_size > 0
