@@ -47,7 +47,8 @@ import zmq
 from flowmeter.capture.sources import SourceError
 from flowmeter.capture.sources.feedmessage import (  # noqa: F401  (the message rules, importable from here too)
     VERSION, MAX_MESSAGE, MAX_FRAMES, TRANSPORT_SLACK, QUEUE_OCTETS, MAX_AGENT, MAX_REASON, LOG_INTERVAL_S,
-    AHEAD_NS, MAX_AGENTS_REMEMBERED, DIRECTIONS, PORT_PROTOCOLS, ICMP_PROTOCOL, FRAME_KEYS, MULTIPART,
+    AHEAD_NS, MAX_SKEW_S, MAX_KEYS, MAX_STR_OCTETS, MAX_BIN_OCTETS, CONTAINER_SLACK, OVER_LIMITS, CLOCK_SKEW,
+    MAX_AGENTS_REMEMBERED, DIRECTIONS, PORT_PROTOCOLS, ICMP_PROTOCOL, FRAME_KEYS, MULTIPART,
     TOO_BIG, TRUNCATED, NOT_MSGPACK, NOT_MAP, WRONG_VERSION, NO_FRAMES, TOO_MANY_FRAMES, BAD_AGENT,
     UNEXPECTED, FRAME_NOT_MAP, BAD_T, FUTURE_T, BAD_DIR, BAD_VERDICT, BAD_REASON, BAD_PEER, BAD_IP, TWO_FORMS,
     BAD_ADDRESS, BAD_PROTO, BAD_LEN, BAD_PORT, BAD_OCTET, OTHER_PROTOCOL, NOT_IP, CUT_SHORT, UNKNOWN_KEYS,
@@ -98,11 +99,13 @@ class FeedSource:
 
     def __init__(self, endpoint: str, *, drop_reasons=(), max_message: int = MAX_MESSAGE,
                  max_frames: int = MAX_FRAMES, log: Callable[[str], Any] | None = None,
-                 log_interval_s: float = LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic) -> None:
+                 log_interval_s: float = LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic,
+                 max_skew_ns: int | None = None) -> None:
         self.name = f"feed:{endpoint}"
         self.endpoint = endpoint
         self._decoder = FeedDecoder(drop_reasons=drop_reasons, max_message=max_message, max_frames=max_frames,
-                                    log=log, log_interval_s=log_interval_s, clock=clock, name=self.name)
+                                    log=log, log_interval_s=log_interval_s, clock=clock, name=self.name,
+                                    max_skew_ns=max_skew_ns)
         self.max_frames = max_frames
         why = _check_endpoint(endpoint)
         if why:
