@@ -5,8 +5,14 @@ test runs ``flowmeter run`` with a feed and counts what a real collector got.
 """
 from __future__ import annotations
 
+import grp
+import json
 import os
 import shutil
+import socket
+import stat
+import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -14,8 +20,12 @@ from pathlib import Path
 
 import msgpack
 import pytest
+import zmq
+import zmq.auth
 
-from flowmeter.capture.sources.feed import (CLOCK_SKEW, OVER_LIMITS, TOO_MANY_FRAMES, FeedDecoder, FeedSource)
+from flowmeter.capture.sources.feed import (CLOCK_SKEW, FAILED_HANDSHAKE, OVER_LIMITS, TOO_MANY_FRAMES, UNKNOWN_KEY,
+                                            FeedDecoder, FeedSecurity, FeedSource, SourceError, load_allowed_keys,
+                                            load_server_key)
 from flowmeter.capture.sources.feedclient import FeedClient, example_frames, metadata_frame, pack_message
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,3 +153,177 @@ def test_the_largest_skew_since_the_last_line_is_in_the_next(where):
     assert "60." in lines[0] and "ahead of it" in lines[0]
     assert "900." in lines[1] and "(and 1 more like it" in lines[1]
     assert decoder.counters()[f"frames with {CLOCK_SKEW}"] == 3
+
+
+# --- CurveZMQ keys on a tcp feed ------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def keys(where):
+    """A feed's key pair and two agents' (``flowmeter keygen``'s files), the first agent allowed."""
+    out = {}
+    for name in ("feed", "known", "stranger"):
+        r = subprocess.run([sys.executable, "-m", "flowmeter.cli", "keygen", where, "--name", name],
+                           capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert r.returncode == 0, r.stderr
+        out[name] = (f"{where}/{name}.key", f"{where}/{name}.key_secret")
+    assert stat.S_IMODE(os.stat(out["feed"][1]).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(out["feed"][0]).st_mode) == 0o644
+    return out
+
+
+def security(keys, allowed=("known",)) -> FeedSecurity:
+    return FeedSecurity(load_server_key(keys["feed"][1]), load_allowed_keys([keys[a][0] for a in allowed]))
+
+
+def test_a_tcp_feed_without_keys_cannot_be_bound():
+    with pytest.raises(SourceError, match=r"^feed:tcp://127\.0\.0\.1:\d+: cannot bind: a tcp feed takes only "
+                                          r"agents holding CurveZMQ keys: set FeedServerKey and FeedAllowedKeys"):
+        FeedSource(f"tcp://127.0.0.1:{free_port()}")
+
+
+def test_only_an_agent_with_an_allowed_key_is_let_in_and_the_others_are_counted(keys):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    lines: list[str] = []
+    with FeedSource(endpoint, log=lines.append, security=security(keys)) as source, \
+            FeedClient(endpoint, server_key=keys["feed"][0], key=keys["known"][1]) as known, \
+            FeedClient(endpoint, server_key=keys["feed"][0], key=keys["stranger"][1]) as stranger, \
+            FeedClient(endpoint, server_key=zmq.curve_keypair()[0]) as wrong_server, \
+            FeedClient(endpoint) as plain:
+        now = time.time_ns()
+        for i, client in enumerate((known, stranger, wrong_server, plain)):
+            client.send([frame(now, sport=100 + i)])
+        rows, counts = [], {}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for batch in source.read(0.05):
+                rows.extend(batch["sport"].tolist())
+            counts = source.counters()
+            if rows and counts.get(f"refused agents: {UNKNOWN_KEY}", 0) >= 1 \
+                    and counts.get(f"refused agents: {FAILED_HANDSHAKE}", 0) >= 2:
+                break
+    assert rows == [100], counts  # the known agent's frame, none of the others'
+    assert counts["messages"] == 1 and counts["frames"] == 1 and counts["agents admitted"] >= 1
+    assert counts[f"refused agents: {UNKNOWN_KEY}"] >= 1  # the stranger
+    assert counts[f"refused agents: {FAILED_HANDSHAKE}"] >= 2  # a wrong server key, no CURVE (each retries)
+    stranger_key = zmq.auth.load_certificate(keys["stranger"][0])[0].decode()
+    assert any(f"refused an agent from 127.0.0.1: its public key {stranger_key} is not in FeedAllowedKeys"
+               in line for line in lines), lines
+    assert any("its CurveZMQ handshake failed" in line for line in lines), lines
+    assert all("\n" not in line for line in lines)
+
+
+def test_allowed_keys_are_files_directories_or_z85_text(keys, where):
+    known = zmq.auth.load_certificate(keys["known"][0])[0]
+    stranger = zmq.auth.load_certificate(keys["stranger"][0])[0]
+    assert load_allowed_keys([keys["known"][0]]).keys == {known}
+    assert load_allowed_keys([where]).keys == {known, stranger, zmq.auth.load_certificate(keys["feed"][0])[0]}
+    assert load_allowed_keys([known.decode()]).keys == {known}
+    with pytest.raises(ValueError, match="is no key file, directory of .key files or 40-character Z85 key"):
+        load_allowed_keys(["not a key"])
+    with pytest.raises(ValueError, match=r"holds a public key only; FeedServerKey is the \.key_secret file"):
+        load_server_key(keys["feed"][0])
+    os.chmod(keys["feed"][1], 0o644)
+    with pytest.raises(ValueError, match=r"other users may read it: chmod o-rwx it"):
+        load_server_key(keys["feed"][1])
+
+
+# --- flowmeter check --------------------------------------------------------------------------
+
+def check(tmp: str, **settings) -> subprocess.CompletedProcess:
+    path = Path(tmp) / "profile.json"
+    path.write_text(json.dumps({"FlowMetadata": settings}))
+    return subprocess.run([sys.executable, "-m", "flowmeter.cli", "check", str(path)], capture_output=True,
+                          text=True, cwd=REPO, timeout=60)
+
+
+def test_check_refuses_a_tcp_feed_without_keys_in_one_line(where, keys):
+    r = check(where, Sources=["feed:tcp://0.0.0.0:5599"])
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [
+        f"flowmeter: {where}/profile.json: Sources[0]: feed:tcp://0.0.0.0:5599: a tcp feed takes only agents "
+        "holding CurveZMQ keys: set FeedServerKey and FeedAllowedKeys (flowmeter keygen makes them), "
+        "or use ipc://PATH"]
+    r = check(where, Sources=["feed:tcp://0.0.0.0:5599"], FeedServerKey=keys["feed"][1])
+    assert r.returncode == 1 and "Sources[0]: feed:tcp://0.0.0.0:5599: a tcp feed" in r.stderr
+    r = check(where, Sources=["feed:tcp://0.0.0.0:5599"], FeedServerKey=keys["feed"][1],
+              FeedAllowedKeys=[keys["known"][0]])
+    assert r.returncode == 0, r.stderr
+    assert f"FeedServerKey: {keys['feed'][1]}" in r.stdout
+    r = check(where, FeedServerKey=keys["feed"][0])
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "FeedServerKey: " in r.stderr
+    assert "holds a public key only" in r.stderr
+
+
+def test_check_refuses_an_abstract_socket_unless_the_profile_allows_it(where):
+    r = check(where, Sources=["feed:ipc://@flowmeter-feed"])
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [
+        f"flowmeter: {where}/profile.json: Sources[0]: feed:ipc://@flowmeter-feed: an abstract socket "
+        "(ipc://@NAME) has no file permissions, so any local user can send to it: use ipc://PATH, "
+        "or set FeedAbstractSocket to true"]
+    r = check(where, Sources=["feed:ipc://@flowmeter-feed"], FeedAbstractSocket=True)
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(SourceError, match=r"^feed:ipc://@fm-test: cannot bind: an abstract socket"):
+        FeedSource("ipc://@fm-test")
+    with FeedSource("ipc://@fm-test", security=FeedSecurity(abstract=True)) as source, \
+            FeedClient("ipc://@fm-test") as client:
+        client.send([frame(time.time_ns())])
+        assert len(collect(source, 1)) == 1
+
+
+@pytest.mark.parametrize("mode, why", [("0666", "lets every local user reach the feed"),
+                                       ("0400", "does not let flowmeter's own user write"),
+                                       ("rw", 'is not an octal mode such as "0600" or "0660"')])
+def test_check_refuses_a_socket_mode_open_to_everyone(where, mode, why):
+    r = check(where, FeedSocketMode=mode)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert f"FeedSocketMode: {json.dumps(mode)} " in r.stderr and why in r.stderr
+
+
+# --- ipc socket files ------------------------------------------------------------------------
+
+def test_an_ipc_socket_file_is_made_with_the_mode_and_group_configured(where):
+    group = f"fmfeed{os.getpid() % 100000}"
+    subprocess.run(["groupadd", group], check=True, timeout=30)
+    try:
+        gid = grp.getgrnam(group).gr_gid
+        r = check(where, FeedSocketGroup="no-such-group-here")
+        assert r.returncode == 1 and '"no-such-group-here" is no group of this system' in r.stderr
+        assert check(where, FeedSocketGroup=group, FeedSocketMode="0660").returncode == 0
+
+        endpoint = f"ipc://{where}/feed.sock"
+        path = endpoint[len("ipc://"):]
+        with FeedSource(endpoint):  # the default: the owner alone
+            st = os.stat(path)
+            assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_gid == os.getgid()
+            assert _connects_as("nobody", path) == "Permission denied"
+        with FeedSource(endpoint, security=FeedSecurity(socket_mode=0o660, socket_group=group)) as source:
+            st = os.stat(path)
+            assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == gid
+            assert _connects_as("nobody", path) == "Permission denied"  # not a member of the group
+            assert _connects_as("nobody", path, group=gid) == "connected"
+            with FeedClient(endpoint) as client:
+                client.send([frame(time.time_ns())])
+                assert len(collect(source, 1)) == 1
+    finally:
+        subprocess.run(["groupdel", group], check=True, timeout=30)
+
+
+def _connects_as(user: str, path: str, group: int | None = None) -> str:
+    """Connect to a Unix socket as ``user`` (with ``group`` as an extra group): "connected" or the error."""
+    import pwd
+
+    account = pwd.getpwnam(user)
+    script = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\n"
+              "try:\n    s.connect(sys.argv[1]); print('connected')\n"
+              "except OSError as e:\n    print(e.strerror)\n")
+    r = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True, timeout=30,
+                       user=account.pw_uid, group=account.pw_gid,
+                       extra_groups=[group] if group is not None else [])
+    return r.stdout.strip() or r.stderr.strip()

@@ -225,6 +225,12 @@ class FeedDecoder:
     def _count(self, key: str, n: int = 1) -> None:
         self._counts[key] = self._counts.get(key, 0) + n
 
+    def note(self, counter: str, cause: str | None = None, line: str = "") -> None:
+        """Count an event of the socket (``counter``) and, with a ``cause``, log ``line`` (rate-limited)."""
+        self._count(counter)
+        if cause is not None:
+            self._log(f"s:{cause}", line)
+
     def refuse(self, cause: str, detail: str = "") -> None:
         """Count a message that is not even decoded (``MULTIPART``, ``TOO_BIG``) and drop it."""
         self._count("messages")
