@@ -327,3 +327,71 @@ def _connects_as(user: str, path: str, group: int | None = None) -> str:
                        user=account.pw_uid, group=account.pw_gid,
                        extra_groups=[group] if group is not None else [])
     return r.stdout.strip() or r.stderr.strip()
+
+
+# --- end to end: flowmeter run, a real collector file, ipfixDump ------------------------------
+
+def test_a_run_exports_the_allowed_agents_flows_only_and_reports_the_refused(where, keys):
+    import threading
+    import urllib.request
+
+    from tests.support.collectors import ipfixdump_records
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    metrics = f"127.0.0.1:{free_port()}"
+    ipfix = Path(where) / "out.ipfix"
+    profile = Path(where) / "profile.json"
+    profile.write_text(json.dumps({"FlowMetadata": {
+        "Sources": [f"feed:{endpoint}"], "IpFixCollectors": [f"File/{ipfix}"], "StatisticsIntervalSeconds": 0,
+        "FeedServerKey": keys["feed"][1], "FeedAllowedKeys": [keys["known"][0]], "MetricsAddress": metrics}}))
+    proc = subprocess.Popen([sys.executable, "-m", "flowmeter.cli", "run", "--profile", str(profile)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300  # the first run on a machine compiles the kernels
+        while not any(f"feed:{endpoint} open" in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
+        now = time.time_ns()
+        with FeedClient(endpoint, server_key=keys["feed"][0], key=keys["known"][1]) as known, \
+                FeedClient(endpoint, server_key=keys["feed"][0], key=keys["stranger"][1]) as stranger:
+            for i in range(5):
+                known.send([frame(now + i, sport=100)])
+                stranger.send([frame(now + i, sport=200)])
+            page = ""
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and 'count="refused agents: unknown key"' not in page:
+                time.sleep(0.5)
+                with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as response:
+                    page = response.read().decode()
+        status = subprocess.run([sys.executable, "-m", "flowmeter.cli", "status"], capture_output=True, text=True,
+                                cwd=REPO, timeout=60).stdout
+    finally:
+        proc.send_signal(15)
+        proc.wait(60)
+        reader.join(10)
+    log = "".join(lines)
+    assert proc.returncode == 0, log
+    assert 'count="refused agents: unknown key"' in page, page
+    assert "refused agents: unknown key" in status, status
+    assert "is not in FeedAllowedKeys" in log, log
+    records = [r for r in ipfixdump_records(ipfix) if "packetDeltaCount" in r]
+    assert [(int(r["sourceTransportPort"]), int(r["packetDeltaCount"])) for r in records] == [(100, 5)], records
+
+
+def test_the_example_client_sends_with_keys(keys):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with FeedSource(endpoint, security=security(keys)) as source:
+        sender = subprocess.Popen([sys.executable, "-m", "flowmeter.capture.sources.feedclient", endpoint,
+                                   "--frames", "10", "--server-key", keys["feed"][0], "--key", keys["known"][1]],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        rows = collect(source, 1, deadline_s=30)  # the handshake waits for read
+        out, err = sender.communicate(timeout=60)
+    assert sender.returncode == 0, err
+    assert f"sent 10 frames in 1 messages to {endpoint}" in out
+    assert len(rows) == 10
+    r = subprocess.run([sys.executable, "-m", "flowmeter.capture.sources.feedclient", endpoint, "--key",
+                        keys["known"][1]], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 2 and "--server-key and --key go together" in r.stderr
