@@ -261,6 +261,24 @@ def demo(workers: int = typer.Option(2, "--workers", "-w", min=1, max=64, help="
     raise typer.Exit(run_demo(Supervisor, workers))
 
 
+@app.command()
+def keygen(directory: Path = typer.Argument(..., help="directory to write NAME.key and NAME.key_secret in"),
+           name: str = typer.Option("feed", "--name", "-n", help="the files' name (default feed)")) -> None:
+    """Make a CurveZMQ key pair for a tcp feed: NAME.key (the public key, for the other side) and
+    NAME.key_secret (both keys, mode 0600). An existing key is never overwritten."""
+    from flowmeter.capture.sources.feed import write_key_pair
+
+    try:
+        public_path, secret_path, public = write_key_pair(str(directory), name)
+    except ValueError as exc:
+        _fail(f"keygen: --name: {exc}")
+    except OSError as exc:
+        _fail(f"keygen: {exc.filename or directory}: {exc.strerror or exc}")
+    typer.echo(f"{secret_path}: the key pair (FeedServerKey of a feed, or an agent's own key; keep it secret)\n"
+               f"{public_path}: the public key {public.decode()} (FeedAllowedKeys of a feed, or an agent's "
+               "server key)")
+
+
 def main() -> None:
     from flowmeter.ipc.logs import setup_logging
 

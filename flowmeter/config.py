@@ -452,6 +452,77 @@ def _collector_strings(collectors: tuple[CollectorAddress, ...]) -> list[str | d
     return out
 
 
+def _feed_server_key(path: str) -> Any:
+    """The server's key pair, read now (as the user that loads the profile: the key file must be
+    readable by ``User``, who reads it again at a reload)."""
+    if not path:
+        return None
+    from flowmeter.capture.sources.feed import FeedKeyError, load_server_key
+
+    try:
+        return load_server_key(path)
+    except FeedKeyError as exc:
+        raise _Rejected(str(exc)) from None
+
+
+def _feed_allowed_keys(entries: list[Any]) -> Any:
+    """The agents' public keys, read now (like ``FeedServerKey``); None if there are none."""
+    if not entries:
+        return None
+    from flowmeter.capture.sources.feed import FeedKeyError, load_allowed_keys
+
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, str) or not entry:
+            raise _Rejected(f"{_show(entry)} is not a key file, a directory of .key files or a Z85 key",
+                            f"[{index}]")
+    try:
+        return load_allowed_keys(entries)
+    except FeedKeyError as exc:
+        raise _Rejected(str(exc)) from None
+
+
+def _feed_socket_mode(text: str) -> int:
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        raise _Rejected()
+    mode = int(text, 8)
+    if mode & 0o007:
+        raise _Rejected(f"{_show(text)} lets every local user reach the feed; give the owner's and the "
+                        "group's bits only (0600, 0660)")
+    if mode & 0o200 != 0o200:
+        raise _Rejected(f"{_show(text)} does not let flowmeter's own user write the socket (0600, 0660)")
+    return mode
+
+
+def _feed_socket_group(group: str) -> str:
+    if group:
+        from flowmeter.capture.sources.feed import socket_gid
+
+        try:
+            socket_gid(group)
+        except KeyError:
+            raise _Rejected(f"{_show(group)} is no group of this system") from None
+    return group
+
+
+def _feed_clock_skew(value: float) -> float:
+    if not (math.isfinite(value) and 0.001 <= value <= 3600):
+        raise _Rejected()
+    return float(value)
+
+
+def _feed_rules(values: dict[str, Any]) -> tuple[str, str] | None:
+    """(where, why) a feed of ``Sources`` is not allowed by the feed settings; None if all are."""
+    from flowmeter.capture.sources.feed import FeedSecurity, feed_refusal
+
+    security = FeedSecurity(values["feed_server_key"], values["feed_allowed_keys"], values["feed_socket_mode"],
+                            values["feed_socket_group"], values["feed_abstract_socket"])
+    for index, spec in enumerate(values["sources"]):
+        why = spec.kind == "feed" and feed_refusal(spec.target, security)
+        if why:
+            return f"Sources[{index}]", f"{spec}: {why}"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     """One key of the ``FlowMetadata`` object and everything said about it."""
@@ -570,6 +641,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MetricsAddress", "metrics_address", str, "", METRICS_ACCEPTS,
             "the supervisor serves Prometheus metrics over HTTP at /metrics on this address; "
             "empty = off", _metrics_address, restart=True),
+    # the feed: who may send (README, "Securing the feed")
+    Setting("FeedServerKey", "feed_server_key", str, "", "the path of a .key_secret file (flowmeter keygen)",
+            "a tcp feed's CurveZMQ key pair (the .key_secret file flowmeter keygen makes); a tcp feed needs it",
+            _feed_server_key, lambda key: key.path if key else "", restart=True),
+    Setting("FeedAllowedKeys", "feed_allowed_keys", list, [], "a list of key files, directories or Z85 keys",
+            "the agents a tcp feed takes: their public keys, as .key files, directories of .key files or "
+            "40-character Z85 text; any other agent is refused and counted", _feed_allowed_keys,
+            lambda keys: list(keys.entries) if keys else [], restart=True),
+    Setting("FeedSocketMode", "feed_socket_mode", str, "0600", 'an octal mode such as "0600" or "0660"',
+            "mode of an ipc feed's socket file (an agent connects if it may write it)", _feed_socket_mode,
+            lambda mode: f"{mode:04o}", restart=True),
+    Setting("FeedSocketGroup", "feed_socket_group", str, "", "the name or number of a group of this system",
+            "group of an ipc feed's socket file; empty = flowmeter's own", _feed_socket_group, restart=True),
+    Setting("FeedAbstractSocket", "feed_abstract_socket", bool, False, "true or false",
+            "allow a feed on an abstract socket (ipc://@NAME), which has no file permissions: any local "
+            "user can send to it", restart=True),
+    Setting("FeedClockSkewSeconds", "feed_clock_skew_s", float, 5, "a number of seconds from 0.001 to 3600",
+            "a feed frame whose time is further than this from this host's clock is metered at this host's "
+            "clock (counted: frames with clock skew)", _feed_clock_skew, restart=True),
 )
 KEYS = tuple(s.key for s in SETTINGS)
 RESTART_KEYS = tuple(s.key for s in SETTINGS if s.restart)  # a reload leaves these as they run
@@ -608,6 +698,12 @@ class Profile:
     interfaces: tuple[InterfaceSpec, ...]
     metrics_address: str
     source: str  # the profile's path, or what the caller called it
+    feed_server_key: Any = None  # feed.ServerKey, or None
+    feed_allowed_keys: Any = None  # feed.AllowedKeys, or None
+    feed_socket_mode: int = 0o600
+    feed_socket_group: str = ""
+    feed_abstract_socket: bool = False
+    feed_clock_skew_s: float = 5.0
 
     @property
     def exporting(self) -> bool:
@@ -702,6 +798,9 @@ def parse_profile(obj: Mapping[str, Any], source: str = "<profile>") -> Profile:
         except _Rejected as exc:
             detail = exc.detail or f"{_show(value)} is not {setting.accepts}"
             raise ConfigError(f"{source}: {setting.key}{exc.where}: {detail}") from None
+    refused = _feed_rules(values)
+    if refused:
+        raise ConfigError(f"{source}: {refused[0]}: {refused[1]}")
     return Profile(source=source, **values)
 
 

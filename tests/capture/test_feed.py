@@ -15,13 +15,14 @@ import time
 import msgpack
 import numpy as np
 import pytest
+import zmq
 
 from flowmeter.capture.sources.feed import (BAD_ADDRESS, BAD_AGENT, BAD_DIR, BAD_IP, BAD_LEN, BAD_OCTET, BAD_PEER,
                                             BAD_PORT, BAD_PROTO, BAD_REASON, BAD_T, BAD_VERDICT, CUT_SHORT,
                                             FRAME_NOT_MAP, FUTURE_T, MULTIPART, NO_FRAMES, NOT_IP, NOT_MAP, NOT_MSGPACK,
                                             OTHER_PROTOCOL, TOO_BIG, TOO_MANY_FRAMES, TRANSPORT_SLACK, TRUNCATED,
-                                            TWO_FORMS, UNEXPECTED, WRONG_VERSION, FeedDecoder, FeedSource,
-                                            SourceError)
+                                            TWO_FORMS, UNEXPECTED, WRONG_VERSION, AllowedKeys, FeedDecoder,
+                                            FeedSecurity, FeedSource, ServerKey, SourceError)
 from flowmeter.capture.sources.feedclient import (FeedClient, example_frames, header_frame, main, metadata_frame,
                                                   pack_message)
 from flowmeter.ipc.packets import DIR_EGRESS, DIR_INGRESS, PACKET_DTYPE
@@ -348,8 +349,10 @@ def test_a_taken_endpoint_is_a_one_line_error(endpoint):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         tcp_endpoint = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        public, secret = zmq.curve_keypair()
+        keys = FeedSecurity(ServerKey("-", public, secret), AllowedKeys((), frozenset([zmq.curve_keypair()[0]])))
         with pytest.raises(SourceError, match=r"^feed:tcp://127\.0\.0\.1:\d+: cannot bind: .*in use"):
-            FeedSource(tcp_endpoint)
+            FeedSource(tcp_endpoint, security=keys)
 
 
 @pytest.mark.parametrize("target, why", [

@@ -15,6 +15,14 @@ dropped by a made-up rule. The schema is docs/feed.md; in short::
                    metadata_frame("2001:db8::1", "2001:db8::2", 17, 120, sport=5353, dport=53,
                                   dir="out", verdict="drop", reason="deny: rule 12")])
 
+A ``tcp://`` feed takes only agents with CurveZMQ keys: give the client the
+server's public key (its ``.key`` file or the 40-character Z85 text) and the
+agent's own key pair (a ``.key_secret`` file made by ``flowmeter keygen``),
+whose public half is in the feed's ``FeedAllowedKeys``::
+
+    FeedClient("tcp://192.0.2.1:5599", server_key="/etc/flowmeter/feed.key",
+               key="/etc/wgd/agent.key_secret")
+
 ``send`` never blocks: a datapath must not wait for its meter. When the
 queue towards flowmeter is full (flowmeter is slow or not running) the
 message is not sent, ``send`` returns False and ``dropped_messages`` counts it.
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -30,6 +39,7 @@ from typing import Any
 
 import msgpack
 import zmq
+import zmq.auth
 
 VERSION = 1
 SEND_HWM = 1000  # messages queued before send() starts refusing
@@ -86,11 +96,30 @@ def pack_message(frames: Sequence[dict], agent: str | None = None) -> bytes:
     return msgpack.packb(message, use_bin_type=True)
 
 
+def _public_key(value: str | bytes) -> bytes:
+    """A Z85 public key given as itself (40 characters) or as the path of a key file."""
+    if isinstance(value, bytes) or (len(value) == 40 and not os.path.exists(value)):
+        return value if isinstance(value, bytes) else value.encode()
+    return zmq.auth.load_certificate(value)[0]
+
+
+def _key_pair(value: str | tuple[bytes, bytes]) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys given as themselves or as the path of a ``.key_secret`` file."""
+    if isinstance(value, tuple):
+        return value
+    public, secret = zmq.auth.load_certificate(value)
+    if secret is None:
+        raise ValueError(f"{value} holds no secret key: give the agent's .key_secret file")
+    return public, secret
+
+
 class FeedClient:
-    """A ZeroMQ PUSH socket connected to a flowmeter feed endpoint."""
+    """A ZeroMQ PUSH socket connected to a flowmeter feed endpoint; a CurveZMQ client when
+    ``server_key`` is given (with the agent's ``key`` pair, or a pair made up for this client)."""
 
     def __init__(self, endpoint: str, *, agent: str | None = None, send_hwm: int = SEND_HWM,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, server_key: str | bytes | None = None,
+                 key: str | tuple[bytes, bytes] | None = None) -> None:
         self.endpoint, self.agent = endpoint, agent
         self.sent_messages = self.dropped_messages = 0
         self._own_context = context is None
@@ -98,6 +127,11 @@ class FeedClient:
         self._sock = self._ctx.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.SNDHWM, send_hwm)
         self._sock.setsockopt(zmq.LINGER, LINGER_MS)
+        if server_key is not None:
+            public, secret = _key_pair(key) if key is not None else zmq.curve_keypair()
+            self._sock.curve_serverkey = _public_key(server_key)
+            self._sock.curve_publickey = public
+            self._sock.curve_secretkey = secret
         self._sock.connect(endpoint)
 
     def send(self, frames: Sequence[dict]) -> bool:
@@ -158,11 +192,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-message", type=int, default=256, metavar="N",
                         help="frames per message (default 256)")
     parser.add_argument("--agent", default="flowmeter.feedclient", help="the agent name sent with each message")
+    parser.add_argument("--server-key", metavar="KEY", help="a tcp feed's public key: its .key file or Z85 text")
+    parser.add_argument("--key", metavar="FILE", help="this agent's .key_secret file (flowmeter keygen), "
+                        "its public key in the feed's FeedAllowedKeys")
     args = parser.parse_args(argv)
     if args.frames < 0 or args.drop_every < 0 or not 1 <= args.per_message <= 4096:
         parser.error("--frames and --drop-every must be >= 0, --per-message from 1 to 4096")
     frames = example_frames(args.frames, args.drop_every)
-    with FeedClient(args.endpoint, agent=args.agent) as feed:
+    if (args.key is None) != (args.server_key is None):
+        parser.error("--server-key and --key go together")
+    try:
+        feed = FeedClient(args.endpoint, agent=args.agent, server_key=args.server_key, key=args.key)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    with feed:
         for i in range(0, len(frames), args.per_message):
             feed.send(frames[i:i + args.per_message])
     lost = f", {feed.dropped_messages} not sent (queue full)" if feed.dropped_messages else ""

@@ -4,6 +4,25 @@
 ``PACKET_DTYPE`` rows, or counts why it cannot (docs/feed.md is the
 contract; ``flowmeter.feed`` is the socket that receives the messages).
 It holds no socket, so every rule is testable and fuzzable alone.
+
+Memory: msgpack turns one octet into a whole object (``0x80`` is an empty
+map, some 64 octets of Python), so an unchecked 1 MiB message can become a
+million maps (measured: 73 MiB traced, 169 MiB of resident growth) before
+the frame count is even looked at. The unpacker is therefore told what a
+legal message can hold: an array of at most ``max_frames`` entries, maps of
+at most ``MAX_KEYS`` keys, strings of at most ``MAX_STR_OCTETS``, bin of at
+most ``MAX_BIN_OCTETS``, no ext, and at most ``max_frames + CONTAINER_SLACK``
+maps and arrays in all (counted by its hooks as each one is built, so an
+excess stops the unpacking at once). A hostile message then costs about
+what a legal message of 4096 frames of ``MAX_KEYS`` keys costs.
+
+Clock: an agent's ``t`` is its own clock. With ``max_skew_ns`` (the profile's
+``FeedClockSkewSeconds``), a frame further than that ahead of or behind this
+host's clock is metered at this host's clock instead (counted ``frames with
+clock skew``; the largest skew is in the rate-limited log line): meter time
+only moves forward, and one frame from the far future would end every flow.
+Without it (the decoder alone), a frame more than ``AHEAD_NS`` ahead is
+dropped (``t in the future``).
 """
 from __future__ import annotations
 
@@ -35,7 +54,12 @@ QUEUE_OCTETS = 64 << 20  # ZMQ_RCVHWM is chosen so that a full queue of the larg
 MAX_AGENT = 64  # characters of "agent"
 MAX_REASON = 128  # characters of "reason" (NFLOG's prefix limit)
 LOG_INTERVAL_S = 10.0
-AHEAD_NS = 60 * 1_000_000_000  # "t" may run this far ahead of this host's clock, no further
+AHEAD_NS = 60 * 1_000_000_000  # without max_skew_ns, "t" may run this far ahead of this host's clock, no further
+MAX_SKEW_S = 5.0  # FeedClockSkewSeconds by default: further off this host's clock, "t" is clamped to it
+MAX_KEYS = 32  # keys of one map: a frame has at most 16 known ones, the rest are ignored
+MAX_STR_OCTETS = 512  # a str: "reason" is at most 128 characters of at most 4 octets
+MAX_BIN_OCTETS = 65535  # a bin: "ip" is at most one IP packet
+CONTAINER_SLACK = 16  # maps and arrays beyond the frames: the message itself, a few unknown values
 MAX_AGENTS_REMEMBERED = 16
 
 U16, U32, U64 = 0xFFFF, 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
@@ -60,6 +84,7 @@ WRONG_VERSION = "wrong version"
 NO_FRAMES = "no frames list"
 TOO_MANY_FRAMES = "too many frames"
 BAD_AGENT = "bad agent"
+OVER_LIMITS = "over msgpack limits"
 UNEXPECTED = "unexpected error"  # a bug of ours, never the sender's fault
 # ... and why a single frame was (counter "dropped frames: CAUSE")
 FRAME_NOT_MAP = "not a map"
@@ -80,6 +105,7 @@ OTHER_PROTOCOL = "field of another protocol"
 NOT_IP = "not an IP header"
 CUT_SHORT = "IP header cut short"
 UNKNOWN_KEYS = "unknown keys"  # not a drop: frames whose extra keys were ignored
+CLOCK_SKEW = "clock skew"  # not a drop: frames metered at this host's clock (counter "frames with clock skew")
 
 EXPLAIN = {
     MULTIPART: "a feed message is one ZeroMQ part",
@@ -89,8 +115,11 @@ EXPLAIN = {
     NOT_MAP: "the message is not a msgpack map",
     WRONG_VERSION: f'"v" is not {VERSION}',
     NO_FRAMES: '"frames" is missing or not an array',
-    TOO_MANY_FRAMES: '"frames" holds more than max_frames frames',
+    TOO_MANY_FRAMES: '"frames" (or any other array) holds more than max_frames entries',
     BAD_AGENT: f'"agent" is not a string of at most {MAX_AGENT} characters',
+    OVER_LIMITS: f"a map of more than {MAX_KEYS} keys, a str of more than {MAX_STR_OCTETS} octets, "
+                 f"a bin of more than {MAX_BIN_OCTETS}, an ext, or more than "
+                 f"max_frames + {CONTAINER_SLACK} maps and arrays in all",
     UNEXPECTED: "an error in flowmeter (please report it with the message)",
     BAD_T: '"t" is missing or not a time in ns since the UNIX epoch (0 to 2**64-1)',
     FUTURE_T: f'"t" is more than {AHEAD_NS // 1_000_000_000} s ahead of this host\'s clock (meter time only moves '
@@ -123,15 +152,37 @@ class RateLimitedLog:
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
-    def __call__(self, cause: str, line: str) -> None:
+    def __call__(self, cause: str, line: str) -> bool:
+        """Log ``line`` unless a line of ``cause`` was logged less than ``interval_s`` ago; True if logged."""
         now = self._clock()
         last = self._last.get(cause)
         if last is not None and now - last < self._interval_s:
             self._held[cause] = self._held.get(cause, 0) + 1
-            return
+            return False
         self._last[cause] = now
         held = self._held.pop(cause, 0)
         self._log(line if not held else f"{line} (and {held} more like it in the last {now - last:.0f} s)")
+        return True
+
+
+class _TooManyContainers(Exception):
+    """Raised by the unpacker's hooks: the message holds more maps and arrays than a legal one."""
+
+
+class _ContainerBudget:
+    """The unpacker's ``object_hook`` and ``list_hook``: counts maps and arrays as msgpack builds them
+    and stops the unpacking at the first one over ``limit``."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def __call__(self, container: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise _TooManyContainers
+        return container
 
 
 class FeedDecoder:
@@ -144,7 +195,8 @@ class FeedDecoder:
 
     def __init__(self, *, drop_reasons=(), max_message: int = MAX_MESSAGE, max_frames: int = MAX_FRAMES,
                  log: Callable[[str], Any] | None = None, log_interval_s: float = LOG_INTERVAL_S,
-                 clock: Callable[[], float] = time.monotonic, name: str = "feed") -> None:
+                 clock: Callable[[], float] = time.monotonic, name: str = "feed",
+                 max_skew_ns: int | None = None, wall_clock: Callable[[], int] = time.time_ns) -> None:
         if not 64 <= max_message <= 1 << 30:
             raise ValueError(f"max_message {max_message} is not from 64 to {1 << 30} octets")
         if not 1 <= max_frames <= 1 << 20:
@@ -155,17 +207,29 @@ class FeedDecoder:
         self._reason_codes: dict[str, int] = {}
         self._log = RateLimitedLog(log or logging.getLogger("flowmeter.feed").warning, log_interval_s, clock)
         self._agents: set[str] = set()
-        self._latest_t = 0
+        self.max_skew_ns = max_skew_ns
+        self._wall_clock = wall_clock
+        self._now = 0  # this host's clock (ns) when the message being decoded arrived
+        self._earliest_t, self._latest_t = 0, 0  # "t" outside these goes to _off_clock
+        self._skewed = 0  # frames of the message being decoded clamped to this host's clock ...
+        self._worst_skew_ns = 0  # ... and the largest skew since the last log line about it
         self._counts: dict[str, int] = {"messages": 0, "frames": 0}
         self._fragments = FragmentMemory()  # the agent's frames are one stream (ICMP fragments)
 
     def counters(self) -> dict[str, int]:
         """``messages`` received, ``frames`` turned into rows, ``dropped messages: CAUSE``,
-        ``dropped frames: CAUSE`` and ``frames with unknown keys`` (kept; the keys ignored)."""
+        ``dropped frames: CAUSE``, ``frames with unknown keys`` (kept; the keys ignored) and
+        ``frames with clock skew`` (kept, at this host's clock)."""
         return dict(self._counts)
 
     def _count(self, key: str, n: int = 1) -> None:
         self._counts[key] = self._counts.get(key, 0) + n
+
+    def note(self, counter: str, cause: str | None = None, line: str = "") -> None:
+        """Count an event of the socket (``counter``) and, with a ``cause``, log ``line`` (rate-limited)."""
+        self._count(counter)
+        if cause is not None:
+            self._log(f"s:{cause}", line)
 
     def refuse(self, cause: str, detail: str = "") -> None:
         """Count a message that is not even decoded (``MULTIPART``, ``TOO_BIG``) and drop it."""
@@ -188,7 +252,12 @@ class FeedDecoder:
             self.refuse(TOO_BIG, f"{len(data)} octets, at most {self.max_message}")
             return None
         self._count("messages")
-        self._latest_t = time.time_ns() + AHEAD_NS
+        self._now = now = self._wall_clock()
+        self._skewed = 0
+        if self.max_skew_ns is None:
+            self._earliest_t, self._latest_t = 0, now + AHEAD_NS
+        else:
+            self._earliest_t, self._latest_t = now - self.max_skew_ns, now + self.max_skew_ns
         try:
             message = self._unpack(data)
             agent, frames = self._check_message(message)
@@ -200,12 +269,23 @@ class FeedDecoder:
         return None
 
     def _unpack(self, data: bytes | memoryview) -> Any:
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=self.max_message)
+        """The message's msgpack value, unpacked within the limits of a legal message (module docstring)."""
+        budget = _ContainerBudget(self.max_frames + CONTAINER_SLACK)
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=self.max_message,
+                                    max_array_len=self.max_frames, max_map_len=MAX_KEYS,
+                                    max_str_len=MAX_STR_OCTETS, max_bin_len=MAX_BIN_OCTETS, max_ext_len=0,
+                                    object_hook=budget, list_hook=budget)
         unpacker.feed(data)
         try:
             message = unpacker.unpack()
         except msgpack.OutOfData:
             raise SchemaError(TRUNCATED) from None
+        except _TooManyContainers:
+            raise SchemaError(OVER_LIMITS) from None
+        except ValueError as exc:  # msgpack says "N exceeds max_map_len(32)" (its limits are all ValueError)
+            why = str(exc)
+            raise SchemaError(TOO_MANY_FRAMES if "exceeds max_array_len" in why else
+                              OVER_LIMITS if "exceeds max_" in why else NOT_MSGPACK) from None
         except Exception:  # hostile input raises many types: FormatError, StackError, UnicodeDecodeError, ...
             raise SchemaError(NOT_MSGPACK) from None
         if unpacker.tell() != len(data):
@@ -260,8 +340,32 @@ class FeedDecoder:
             self._drop_frames(cause, n, agent)
         if unknown:
             self._count(f"frames with {UNKNOWN_KEYS}", unknown)
+        if self._skewed:
+            self._note_skew(agent)
         self._count("frames", len(rows))
         return rows
+
+    def _off_clock(self, t: int) -> int:
+        """The time of a frame whose ``t`` lies outside [earliest, latest]: this host's clock, counted
+        (``max_skew_ns``); without a bound, a ``t`` too far ahead drops the frame (``FUTURE_T``)."""
+        if self.max_skew_ns is None:
+            raise SchemaError(FUTURE_T)
+        skew = t - self._now
+        if abs(skew) > abs(self._worst_skew_ns):
+            self._worst_skew_ns = skew
+        self._skewed += 1
+        return self._now
+
+    def _note_skew(self, agent: str | None) -> None:
+        n, self._skewed = self._skewed, 0
+        self._count(f"frames with {CLOCK_SKEW}", n)
+        worst = self._worst_skew_ns / 1e9
+        sender = f" from agent {agent!r}" if agent else ""
+        if self._log(CLOCK_SKEW, f"{self.name}: metered {'a frame' if n == 1 else f'{n} frames'}{sender} at this "
+                                 f"host's clock: their time was up to {abs(worst):.3f} s "
+                                 f"{'ahead of' if worst > 0 else 'behind'} it (more than "
+                                 f"FeedClockSkewSeconds, {self.max_skew_ns / 1e9:g} s)"):
+            self._worst_skew_ns = 0
 
     def _note_unknown(self, frame: dict) -> None:
         extra = sorted(repr(k)[:40] for k in frame.keys() - FRAME_KEYS)[:3]
@@ -310,8 +414,8 @@ class FeedDecoder:
         t = get("t")
         if type(t) is not int or not 0 <= t <= U64:
             raise SchemaError(BAD_T)
-        if t > self._latest_t:
-            raise SchemaError(FUTURE_T)
+        if not self._earliest_t <= t <= self._latest_t:
+            t = self._off_clock(t)
         d = get("dir")
         if type(d) is not str or d not in DIRECTIONS:
             raise SchemaError(BAD_DIR)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from flowmeter.capture.sources import Source, SourceError, SourceSpec
 from flowmeter.capture.sources.afpacket import AfPacketSource
-from flowmeter.capture.sources.feed import FeedSource
+from flowmeter.capture.sources.feed import FeedSecurity, FeedSource
 from flowmeter.capture.sources.nflog import NflogSource
 
 # Opened by the supervisor before it gives up root (the socket needs privileges); a feed is
@@ -26,7 +26,8 @@ def open_source(spec: SourceSpec, profile, fanout_group: int | None = None) -> S
         if spec.kind == "nflog":
             return NflogSource(int(spec.target), copy_range=profile.snap_length)
         if spec.kind == "feed":
-            return FeedSource(spec.target, drop_reasons=profile.drop_prefixes)
+            return FeedSource(spec.target, drop_reasons=profile.drop_prefixes, security=FeedSecurity.of(profile),
+                              max_skew_ns=round(profile.feed_clock_skew_s * 1e9))
     except OSError as exc:
         message = exc.strerror if exc.strerror and not str(exc).startswith(str(spec)) else str(exc)
         raise SourceError(message if message.startswith(str(spec)) else f"{spec}: {message}") from None
