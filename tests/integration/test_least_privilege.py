@@ -83,6 +83,9 @@ def assert_no_capability(run: Run, runtime: Path) -> None:
         assert {k: int(fields[k], 16) for k in ZERO_CAPS} == dict.fromkeys(ZERO_CAPS, 0), (p.name(), fields)
         assert fields["NoNewPrivs"].strip() == "1", (p.name(), fields)
         assert {int(u) for u in fields["Uid"].split()} == {uid}, (p.name(), fields["Uid"])
+        # the bounding set and the groups as started (setpriv: root's bounding set, --clear-groups)
+        assert fields["CapBnd"] == status_fields(os.getpid())["CapBnd"], (p.name(), fields)
+        assert fields["Groups"].split() == [], (p.name(), fields)
     assert [d.name.startswith("flowmeter-") for d in runtime.iterdir()] == [True]
 
 
