@@ -212,7 +212,7 @@ class Supervisor:
             self.errors.append(f"MetricsAddress: cannot listen on {self.profile.metrics_address}: "
                                f"{exc.strerror or exc}")
             return 1
-        if os.geteuid() == 0 and not self.profile.user:
+        if os.geteuid() == 0 and not self.profile.user and self.live:  # a service, meeting strangers' packets
             log.warning("running as root: every process, the packet parsers included, keeps root's privileges; "
                         "set User to a user of its own to run as it once the sources are open")
         try:
