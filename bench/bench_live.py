@@ -620,9 +620,10 @@ def measure_all(ns: Namespaces, args, only: list[str], work: Path, runs: list[di
                    and r["setting"] == setting and "error" not in r]
             if not top:
                 continue
-            if worst(r["kernel_drops"] for r in top):
+            if worst(r["kernel_drops"] for r in top):  # from the slowest top-speed run that dropped
                 onsets.append(find_onset(ns, a, b, tool, setting, flows, packets[flows],
-                                         med(r["send_pps"] for r in top), config, want, args, work))
+                                         min(r["send_pps"] for r in top if r["kernel_drops"]), config, want, args,
+                                         work))
             else:  # no drop at the sender's top speed: they begin above it, if anywhere
                 onsets.append({"tool": tool, "setting": setting, "flows": flows,
                                "meter": meter_name(tool, setting, flows), "clean_pps": med(r["send_pps"] for r in top),

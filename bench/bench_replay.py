@@ -1,30 +1,39 @@
-"""Benchmark: flowmeter replay against softflowd on the same captures, each into a real nfcapd.
+"""Benchmark: flowmeter replay against the floor and softflowd on the same captures, each meter into a real nfcapd.
 
-    .venv/bin/python bench/bench_replay.py            # the full acceptance run, every table (10-20 min)
+    .venv/bin/python bench/bench_replay.py --frames headers   # header captures: every table (10-20 min)
+    .venv/bin/python bench/bench_replay.py --frames full      # full-size captures: the replay tables (about 10 min)
     .venv/bin/python bench/bench_replay.py --packets 100k --runs 1 --workers 1 --captures 1
 
 Deterministic captures and their ground truth are generated once with
 ``tests.support.traffic`` and cached in ``bench/.data/`` (file names carry a
-digest of the generator, so a changed generator makes new files). Every
-measured command runs alone, its whole process tree watched: wall time,
-CPU time (user + system of every process, from ``wait4``), peak RSS (the
-sum over the tree, sampled every 20 ms). Each tool exports into its own
-nfcapd on loopback started as an operator would (kernel default receive
-buffer, no ``-B``), and nfdump's records summed per flow key must equal the
-truth, packets and bytes. ``drops`` is what the kernel dropped for that
-nfcapd's socket (/proc/net/udp); the flush table also gives ``Udp
-RcvbufErrors`` of /proc/net/snmp before and after, which counts the whole
-machine.
+digest of the generator, so a changed generator makes new files): header
+captures (snap length 128) or, with ``--frames full``, every frame whole.
+Every measured command runs alone, its whole process tree watched: wall
+time, CPU time (user + system of every process, from ``wait4``), peak RSS
+(the sum over the tree, sampled every 20 ms). Each meter exports into its own
+nfcapd on loopback and nfdump's records summed per flow key must equal the
+truth, packets and bytes. In the replay tables that nfcapd's socket gets a
+forced receive buffer (``--collector-buffer-mb``, 256 MiB), so that a burst
+at the end of a file is not lost on the way; the memory and flush tables
+keep nfcapd as an operator starts it (kernel default buffer, no ``-B``).
+``drops`` is what the kernel dropped for that nfcapd's socket
+(/proc/net/udp); the flush table also gives ``Udp RcvbufErrors`` of
+/proc/net/snmp before and after, which counts the whole machine.
 
-Sections (``--only`` picks some):
+Sections (``--only`` picks some; with ``--frames full`` only replay runs by
+default, the others do not depend on the frames):
 
-replay    for each capture size (``--packets``, default 1M,5M): flowmeter with
-          every ``--workers`` x ``--captures`` configuration and softflowd, in
-          alternating order over ``--runs`` runs (default 3), medians. With C
-          capture processes the capture is generated as C files, split by a
-          symmetric hash of the conversation (as the members of an AF_PACKET
-          fanout group would each see it), and replayed with
-          ``flowmeter replay F-0.pcap .. F-(C-1).pcap --captures C``. A second
+replay    for each capture size (``--packets``, default 1M,5M), in alternating
+          order over ``--runs`` runs (default 3), medians: the floor
+          (``tcpdump -r FILE -w /dev/null``), softflowd at its default
+          (``-m 8192``: it ends flows early), softflowd with ``-m`` above the
+          flow count (every flow held: checked against the truth like
+          flowmeter), and flowmeter with every ``--workers`` x ``--captures``
+          configuration; then flowmeter's wall and CPU as ratios to the three.
+          With C capture processes the capture is generated as C files, split
+          by a symmetric hash of the conversation (as the members of an
+          AF_PACKET fanout group would each see it), and replayed with
+          ``flowmeter replay F-0.pcap .. F-(C-1).pcap --captures C``. A last
           table splits flowmeter's CPU by stage (capture, worker, exporter,
           from ``flowmeter replay --stats``; ``rest``: the supervisor,
           start-up and compile).
@@ -44,8 +53,8 @@ flush     the same runs seen as an export test: every flow is still cached when
 
 Read ratios, not absolute figures: these machines are shared and noisy;
 the ratio of two tools measured in alternation on the same input is what
-carries over. Exit status 1 if a run failed or flowmeter's records did not
-match the truth; ``--json PATH`` also writes every result as JSON.
+carries over. Exit status 1 if a run failed or flowmeter's or
+softflowd-exact's records did not match the truth; ``--json PATH`` also writes every result as JSON.
 """
 from __future__ import annotations
 
@@ -829,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     if not ok:
-        log("bench_replay: a run failed or flowmeter's records did not match the truth (see above)")
+        log("bench_replay: a run failed or a meter's records did not match the truth (see above)")
     return 0 if ok else 1
 
 
