@@ -137,7 +137,7 @@ def prune_stale() -> None:
 FRAMES = ("headers", "full")
 FULL_SNAPLEN = 65535  # more than the longest generated frame (1,494 octets): every frame whole
 # capture octets per packet, rounded up, for the free-space check: record header + captured frame
-BYTES_PER_PACKET = {"headers": 120, "full": 360}
+BYTES_PER_PACKET = {"headers": 130, "full": 340}
 ROOM_MARGIN = 2 << 30  # left free on the cache's file system after the captures are written
 
 
