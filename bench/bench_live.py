@@ -1,47 +1,47 @@
-"""Benchmark: live capture, flowmeter run against softflowd, on frames tcpreplay sends across a veth pair.
+"""Benchmark: live capture, flowmeter run against softflowd -i, on frames trafgen sends across a veth pair.
 
-    .venv/bin/python bench/bench_live.py                          # 1M packets, 3 alternating runs (about 2 min)
-    .venv/bin/python bench/bench_live.py --packets 100k --runs 1 --only flowmeter
-    .venv/bin/python bench/bench_live.py --pps top,100k,200k      # also fixed rates: the highest with no kernel drop
+    .venv/bin/python bench/bench_live.py                          # 1k and 100k flows, 3 alternating runs (about 10 min)
+    .venv/bin/python bench/bench_live.py --flows 1k --runs 1 --only flowmeter
+    .venv/bin/python bench/bench_live.py --rates top,200k,400k    # also fixed offered rates
 
-Needs root, iproute2, ethtool, tcpreplay, softflowd (and softflowctl) and
-nfdump (nfcapd); ``.ci/run`` installs them all.
+Needs root, iproute2, ethtool, trafgen (Debian's netsniff-ng), taskset,
+softflowd (and softflowctl) and nfdump (nfcapd); ``.ci/run`` installs them all.
 
 Two network namespaces, A and B, joined by a veth pair ``va`` (in A) -- ``vb``
 (in B), segmentation offloads off and IPv6 off, so that the link carries
-nothing but the frames replayed into it. A deterministic capture made by
-``tests.support.traffic`` (Ethernet, snap length 128; cached in ``bench/.data``
-as by ``bench_replay.py``) is sent into ``vb`` by ``tcpreplay`` in B, at top
-speed or at a fixed rate (``--pps``); every frame arrives at ``va`` as
-ingress, addressed to a MAC that is not va's, which AF_PACKET sees all the
-same (the IP stack of A drops it afterwards).
+nothing but the frames sent into it. ``trafgen`` in B, pinned to CPU 0
+(``taskset -c 0``, one sending process), sends ``--packets`` UDP frames
+(60 octets) into ``vb``: F flows (``--flows``, 1k and 100k), the source
+address counting through F values and starting again, so F flows are active
+at once and each gets packets / F of them. Frames are addressed to a MAC
+that is not va's: AF_PACKET sees them all the same, A's IP stack drops them
+at once. Top speed (trafgen's own: as fast as one core pushes frames
+through its ring and, a veth having no NIC, delivers them to va's listeners
+too) or a fixed rate (``--rates``: trafgen ``--rate Npps``).
 
-Every run starts one meter on ``va`` in A, exporting IPFIX to its own nfcapd
-in A on loopback (the kernel's default receive buffer, as an operator starts
-it), replays the capture, waits until the meter's processes are idle, reads
-the meter's own counters and stops it:
+Every run starts one meter on ``va`` in A, pinned to the other core
+(``taskset -c 1``: every process of it), exporting IPFIX to its own nfcapd
+in A on loopback (its socket's receive buffer forced to 256 MiB, as in the
+replay benchmark, so that the records are the meter's); reads the meter's
+tree CPU (``/proc/PID/stat`` of every process, with children it reaped)
+just before the traffic and again once the meter is idle after it, so that
+start-up and the final flush are left out; reads the meter's own counters
+and stops it:
 
-- ``flowmeter run`` with ``Sources: ["afpacket:va"]`` and every ``--fanout``
-  (capture processes sharing the interface), ``--workers`` shard workers
-  (0: flowmeter's default). Its counters are the summary lines it prints at
-  a stop: packets metered, kernel packets and drops of the ring, frames
-  read. Stopped with SIGTERM: it drains, every flow is exported.
-- ``softflowd -i va -n 127.0.0.1:PORT -v 10 -d`` (foreground), its other
-  settings as shipped. Its counters come from ``softflowctl statistics``:
-  packets processed, and libpcap's packets received and dropped (the same
-  PACKET_STATISTICS counters of the kernel). Stopped with ``softflowctl
-  shutdown``, which exports every flow (in the foreground softflowd installs
-  no SIGTERM handler: a signal would lose every cached flow).
+- ``flowmeter run`` with ``Sources: ["afpacket:va"]`` and every ``--fanout``,
+  ``--workers`` (0: flowmeter's default). Counters: its summary lines
+  (packets metered, kernel packets and drops of the ring, frames read).
+  Stopped with SIGTERM: it drains, every flow is exported.
+- ``softflowd -i va -n 127.0.0.1:PORT -v 10 -d`` (foreground), at its
+  default ``-m 8192`` and with ``-m`` above the flow count. Counters from
+  ``softflowctl statistics`` (packets processed; libpcap's received and
+  dropped, the kernel's PACKET_STATISTICS). Stopped with ``softflowctl
+  shutdown``, which exports every flow.
 
-The tools run in alternation (the second run reverses the first run's
-order); the table shows medians of ``--runs`` runs (drops: the largest).
-``unread`` is what the kernel delivered to the meter's ring that the meter
-never read (kernel packets - kernel drops - frames read); ``exact`` says
-whether the records nfcapd stored, summed per flow key, equal the
-generator's truth (every packet crosses va in one direction, so the
-truth's unidirectional flows apply as they are). CPU seconds are the whole
-process tree's (psutil): during the replay (from just before it to idle
-after it) and from start to exit.
+Drop onset: for each meter and flow count whose top-speed runs saw kernel
+drops, the offered rate is halved and bisected (``--onset-steps`` single
+runs) to the rate where drops begin; with none at top speed, none begin
+below the sender's top rate.
 
 Exit status 1 if a run failed (a tool exited with an error or printed no
 counters), or flowmeter metered every packet sent and its records still did
@@ -60,6 +60,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import ClassVar
 
@@ -76,19 +77,26 @@ from tests.support.netns import Namespaces, available, entered  # noqa: E402
 
 IF_A, IF_B = "va", "vb"
 TOOLS = ("flowmeter", "softflowd")
+SENDER_CPU, METER_CPU = 0, 1
 START_TIMEOUT_S = 120      # a meter that has not opened its source by then has failed
 WARM_TIMEOUT_S = 900       # the first start after an install compiles flowmeter's kernels
 STOP_TIMEOUT_S = 180       # a stop drains and exports every cached flow
 IDLE_WINDOW_S = 0.5        # the meter is idle when its tree used less than
 IDLE_CPU_S = 0.01          # this much CPU in the last IDLE_WINDOW_S
 IDLE_TIMEOUT_S = 120
+COLLECTOR_BUFFER = 256 << 20
+FRAME_LEN = 60             # Ethernet 14 + IPv4 20 + UDP 8 + 18 octets: the shortest frame without padding
+L3_LEN = FRAME_LEN - 14
+SRC_BASE = 0x0A000001      # 10.0.0.1: the flows' source addresses count up from here
+DST, SPORT, DPORT = "198.51.100.1", 40000, 53
+SOFTFLOWD_DEFAULT_FLOWS = replay.SOFTFLOWD_DEFAULT_FLOWS
 log = replay.log
 
 
 # ---------------------------------------------------------------- options
 
 def rate_list(text: str) -> list[int | None]:
-    """``top,100k,250000``: None for tcpreplay's top speed, else packets per second."""
+    """``top,100k,250000``: None for trafgen's top speed, else packets per second."""
     out: list[int | None] = []
     for part in text.split(","):
         part = part.strip()
@@ -110,6 +118,50 @@ def fanout_list(text: str) -> list[int]:
     if not all(n <= 16 for n in out):
         raise argparse.ArgumentTypeError(f"{text!r}: Fanout is 1 to 16")
     return out
+
+
+# ---------------------------------------------------------------- the traffic
+
+def trafgen_config(flows: int) -> str:
+    """One UDP frame whose source address counts through ``flows`` values (trafgen's ``dinc``), then again."""
+    return ("{ eth(da=02:00:00:00:00:01, sa=02:00:00:00:00:02), "
+            f"ipv4(sa=10.0.0.1, sa=dinc({SRC_BASE}, {SRC_BASE + flows - 1}), da={DST}, ttl=64), "
+            f"udp(sp={SPORT}, dp={DPORT}), fill(0, {FRAME_LEN - 42}) }}\n")
+
+
+def truth(flows: int, packets: int) -> tuple[Counter, Counter]:
+    """Packets and layer-3 octets per flow key, as ``replay.nfdump_sums`` keys them: packets / flows each."""
+    each = packets // flows
+    keys = [(f"10.{(a >> 16) & 255}.{(a >> 8) & 255}.{a & 255}", DST, 17, SPORT, DPORT)
+            for a in range(SRC_BASE, SRC_BASE + flows)]
+    return Counter(dict.fromkeys(keys, each)), Counter(dict.fromkeys(keys, each * L3_LEN))
+
+
+TRAFGEN = {"sent": r"(\d+) packets outgoing", "bytes": r"(\d+) bytes outgoing",
+           "time": r"(\d+) sec, (\d+) usec on CPU"}
+
+
+def trafgen(ns: Namespaces, name: str, config: Path, packets: int, pps: int | None) -> dict:
+    """Send ``packets`` frames into vb from CPU 0; trafgen's own report: packets sent, seconds, rate.
+
+    ``--no-sock-mem`` and ``--notouch-irq``: trafgen would otherwise
+    change machine-wide socket memory limits and interrupt affinities.
+    """
+    cmd = ["taskset", "-c", str(SENDER_CPU), "trafgen", "-i", str(config), "-o", IF_B, "--cpus", "1",
+           "-n", str(packets), "--no-sock-mem", "--notouch-irq"]
+    if pps is not None:
+        cmd += ["--rate", f"{pps}pps"]
+    timeout = 300 + (packets / pps if pps else 0) * 2
+    started = time.perf_counter()
+    r = ns.run(name, *cmd, check=False, timeout=timeout)
+    wall = time.perf_counter() - started
+    text = r.stdout + r.stderr
+    sent, octets, took = (re.search(TRAFGEN[k], text) for k in ("sent", "bytes", "time"))
+    if r.returncode or sent is None:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {text.strip()[-2000:]}")
+    seconds = int(took.group(1)) + int(took.group(2)) / 1e6 if took else wall
+    return {"sent": int(sent.group(1)), "bytes": int(octets.group(1)) if octets else None, "seconds": seconds,
+            "pps": int(sent.group(1)) / seconds if seconds else None, "wall_s": wall}
 
 
 # ---------------------------------------------------------------- the link
@@ -136,6 +188,7 @@ def link_stats(ns: Namespaces, name: str, ifname: str) -> dict:
     s = json.loads(out)[0]["stats64"]
     return {"rx_packets": s["rx"]["packets"], "rx_dropped": s["rx"]["dropped"],
             "tx_packets": s["tx"]["packets"], "tx_dropped": s["tx"]["dropped"]}
+
 
 
 # ---------------------------------------------------------------- processes
@@ -213,8 +266,10 @@ def stop_all() -> None:
     _started.clear()
 
 
+
+
 class Flowmeter:
-    """``flowmeter run`` on va in namespace ``name``; ``stop()`` drains it and returns its counters."""
+    """``flowmeter run`` on va in namespace ``name``, pinned to METER_CPU; ``stop()`` drains it, returns counters."""
 
     tool = "flowmeter"
     SOURCE_LINE = re.compile(
@@ -232,8 +287,9 @@ class Flowmeter:
         profile.write_text(json.dumps({"FlowMetadata": settings}))
         self.fanout = fanout
         self.lines: list[str] = []
-        with entered(name):
-            self.proc = subprocess.Popen([sys.executable, "-m", "flowmeter.cli", "run", "--profile", str(profile)],
+        with entered(name):  # taskset execs the interpreter: the pid is flowmeter's, its children inherit the CPU
+            self.proc = subprocess.Popen(["taskset", "-c", str(METER_CPU), sys.executable, "-m", "flowmeter.cli",
+                                          "run", "--profile", str(profile)],
                                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                          start_new_session=True)
         _started.append(self.proc)
@@ -274,22 +330,26 @@ class Flowmeter:
 
 
 class Softflowd:
-    """``softflowd -i va`` in namespace ``name``, foreground, with a control socket; ``stop()`` returns its counters."""
+    """``softflowd -i va`` in namespace ``name``, foreground, pinned to METER_CPU, with a control socket;
+    ``stop()`` returns its counters."""
 
     tool = "softflowd"
-    FIELDS: ClassVar[dict[str, str]] = {"processed": r"Packets processed: (\d+)", "too_short": r"Ignored packets: \d+ \(\d+ non-IP, (\d+) too short",
-              "non_ip": r"Ignored packets: \d+ \((\d+) non-IP", "received": r"Packets received by libpcap: (\d+)",
-              "dropped": r"Packets dropped by libpcap: (\d+)", "if_dropped": r"Packets dropped by interface: (\d+)"}
+    FIELDS: ClassVar[dict[str, str]] = {
+        "processed": r"Packets processed: (\d+)", "too_short": r"Ignored packets: \d+ \(\d+ non-IP, (\d+) too short",
+        "non_ip": r"Ignored packets: \d+ \((\d+) non-IP", "received": r"Packets received by libpcap: (\d+)",
+        "dropped": r"Packets dropped by libpcap: (\d+)", "if_dropped": r"Packets dropped by interface: (\d+)"}
 
-    def __init__(self, ns: Namespaces, name: str, run_dir: Path, port: int) -> None:
+    def __init__(self, ns: Namespaces, name: str, run_dir: Path, port: int, max_flows: int | None) -> None:
         self.ctl = run_dir / "softflowd.ctl"
         self.log = run_dir / "softflowd.log"
         self._fh = open(self.log, "w")
-        self.proc = ns.popen(name, "softflowd", "-i", IF_A, "-n", f"127.0.0.1:{port}", "-v", "10", "-d",
+        extra = ["-m", str(max_flows)] if max_flows else []
+        self.proc = ns.popen(name, "taskset", "-c", str(METER_CPU), "softflowd", "-i", IF_A,
+                             "-n", f"127.0.0.1:{port}", "-v", "10", "-d", *extra,
                              "-c", str(self.ctl), "-p", str(run_dir / "softflowd.pid"),
                              stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True)
         _started.append(self.proc)
-        self.root = psutil.Process(self.proc.pid)  # ip netns exec execs softflowd: the same process
+        self.root = psutil.Process(self.proc.pid)  # ip netns exec and taskset exec softflowd: the same process
         deadline = time.monotonic() + START_TIMEOUT_S
         try:
             while True:  # the control socket is made after the capture is open
@@ -341,44 +401,35 @@ class Softflowd:
 
 # ---------------------------------------------------------------- one run
 
-TCPREPLAY = {"sent": r"Actual: (\d+) packets", "bytes": r"Actual: \d+ packets \((\d+) bytes\)",
-             "seconds": r"sent in ([\d.]+) seconds", "pps": r"Rated: .*?([\d.]+) pps", "failed": r"Failed packets:\s+(\d+)"}
+def meter_name(tool: str, setting: int | str, flows: int) -> str:
+    if tool == "flowmeter":
+        return f"flowmeter Fanout {setting}"
+    return f"softflowd -m {SOFTFLOWD_DEFAULT_FLOWS} (default)" if setting == "default" else \
+        f"softflowd -m {softflowd_exact_flows(flows):,}"
 
 
-def tcpreplay(ns: Namespaces, name: str, pcap: Path, pps: int | None, packets: int) -> dict:
-    """Send the capture into vb; tcpreplay's own report: packets sent, seconds, rate, failures."""
-    cmd = ["tcpreplay", "--topspeed" if pps is None else f"--pps={pps}", "-i", IF_B, str(pcap)]
-    timeout = 600 + (packets / pps if pps else 0) * 2
-    started = time.perf_counter()
-    r = ns.run(name, *cmd, check=False, timeout=timeout)
-    wall = time.perf_counter() - started
-    text = r.stdout + r.stderr
-    out: dict = {"wall_s": wall, "code": r.returncode}
-    for key, pattern in TCPREPLAY.items():
-        m = re.search(pattern, text)
-        out[key] = (float(m.group(1)) if key in ("seconds", "pps") else int(m.group(1))) if m else None
-    if r.returncode or out["sent"] is None:
-        raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {text.strip()[-2000:]}")
-    return out
+def softflowd_exact_flows(flows: int) -> int:
+    return flows + flows // 10 + 64  # above the flow count: it never evicts
 
 
-def one_run(ns: Namespaces, a: str, b: str, tool: str, fanout: int, pps: int | None, pcap: Path, truth: tuple,
-            packets: int, workers: int, run_dir: Path) -> dict:
-    """A meter on va, the capture replayed into vb, the meter stopped; what was sent, seen, metered and exported."""
+def one_run(ns: Namespaces, a: str, b: str, tool: str, setting: int | str, flows: int, packets: int,
+            pps: int | None, config: Path, want: tuple, workers: int, run_dir: Path) -> dict:
+    """A meter on va, the traffic sent into vb, the meter stopped; what was sent, seen, metered and exported."""
     run_dir.mkdir(parents=True)
     with entered(a):
         nf = replay.start_nfcapd(run_dir / "nfcapd")
+        replay.force_receive_buffer(nf.proc.pid, nf.port, COLLECTOR_BUFFER)
     _started.append(nf.proc)
-    r: dict = {"tool": tool, "fanout": fanout if tool == "flowmeter" else None, "pps": pps}
+    r: dict = {"tool": tool, "setting": setting, "flows": flows, "pps": pps}
     meter = None
     try:
         if tool == "flowmeter":
-            meter = Flowmeter(a, run_dir, nf.collector, fanout, workers)
+            meter = Flowmeter(a, run_dir, nf.collector, setting, workers)
         else:
-            meter = Softflowd(ns, a, run_dir, nf.port)
+            meter = Softflowd(ns, a, run_dir, nf.port, None if setting == "default" else softflowd_exact_flows(flows))
         va0, vb0 = link_stats(ns, a, IF_A), link_stats(ns, b, IF_B)
         cpu0 = tree_cpu(meter.root)
-        rep = tcpreplay(ns, b, pcap, pps, packets)
+        sent = trafgen(ns, b, config, packets, pps)
         r["idle_wait_s"] = wait_idle(meter.root)
         r["cpu_s"] = tree_cpu(meter.root) - cpu0
         va1, vb1 = link_stats(ns, a, IF_A), link_stats(ns, b, IF_B)
@@ -393,16 +444,16 @@ def one_run(ns: Namespaces, a: str, b: str, tool: str, fanout: int, pps: int | N
                 wait_socket_drained(nf.port)
             r["nfcapd_drops"] = udp_socket_drops(nf.port)
             nf.stop()
-    r.update(sent=rep["sent"], sent_bytes=rep["bytes"], replay_s=rep["seconds"], replay_pps=rep["pps"],
-             replay_failed=rep["failed"], at_va=va1["rx_packets"] - va0["rx_packets"],
+    r.update(sent=sent["sent"], sent_bytes=sent["bytes"], send_s=sent["seconds"], send_pps=sent["pps"],
+             at_va=va1["rx_packets"] - va0["rx_packets"],
              link_dropped=(va1["rx_dropped"] - va0["rx_dropped"]) + (vb1["tx_dropped"] - vb0["tx_dropped"]))
     sums = replay.nfdump_sums(nf.flows)
     r["records"] = sums[2]
-    r["exact"] = sums[0] == truth[0] and sums[1] == truth[1]
+    r["exact"] = sums[0] == want[0] and sums[1] == want[1]
     r["exported_packets"] = sum(sums[0].values())
     metered = r.get("metered")
     r["all_metered"] = metered == r["sent"]
-    r["metered_per_s"] = metered / rep["seconds"] if metered is not None and rep["seconds"] else None
+    r["cpu_ns_per_packet"] = r["cpu_s"] / metered * 1e9 if metered else None
     return r
 
 
@@ -421,23 +472,28 @@ def cell(value, spec: str = ",.0f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def summarise(runs: list[dict], packets: int, flows: int) -> list[dict]:
+def summarise(runs: list[dict], packets: dict[int, int]) -> list[dict]:
+    """One row per flow count, tool, setting and rate: medians (drops, unread: the largest)."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        groups.setdefault((r["pps"] or 0, r["tool"], r["fanout"] or 0), []).append(r)
+        if r.get("onset"):
+            continue
+        groups.setdefault((r["flows"], r["pps"] or 0, r["tool"], str(r["setting"])), []).append(r)
     rows = []
-    for (_, tool, _), rs in sorted(groups.items(), key=lambda kv: kv[0]):
+    for (flows, _, tool, _), rs in sorted(groups.items(), key=lambda kv: kv[0]):
         good = [r for r in rs if "error" not in r]
         rows.append({
-            "tool": tool, "fanout": rs[0]["fanout"], "pps": rs[0]["pps"], "packets": packets, "flows": flows,
+            "flows": flows, "packets": packets[flows], "tool": tool, "setting": rs[0]["setting"],
+            "meter": meter_name(tool, rs[0]["setting"], flows), "pps": rs[0]["pps"],
             "runs": len(rs), "failed_runs": len(rs) - len(good),
-            "sent": med(r.get("sent") for r in rs), "replay_pps": med(r.get("replay_pps") for r in rs),
-            "replay_s": med(r.get("replay_s") for r in rs), "at_va": med(r.get("at_va") for r in rs),
+            "sent": med(r.get("sent") for r in rs), "send_pps": med(r.get("send_pps") for r in rs),
+            "send_s": med(r.get("send_s") for r in rs), "at_va": med(r.get("at_va") for r in rs),
             "link_dropped": worst(r.get("link_dropped") for r in rs),
             "metered": med(r.get("metered") for r in good), "kernel_drops": worst(r.get("kernel_drops") for r in good),
             "unread": worst(r.get("unread") for r in good),
-            "metered_per_s": med(r.get("metered_per_s") for r in good),
-            "cpu_s": med(r.get("cpu_s") for r in good), "cpu_total_s": med(r.get("cpu_total_s") for r in good),
+            "cpu_s": med(r.get("cpu_s") for r in good),
+            "cpu_ns_per_packet": med(r.get("cpu_ns_per_packet") for r in good),
+            "cpu_total_s": med(r.get("cpu_total_s") for r in good),
             "records": med(r.get("records") for r in good), "nfcapd_drops": worst(r.get("nfcapd_drops") for r in rs),
             "all_metered": bool(good) and len(good) == len(rs) and all(r["all_metered"] for r in good),
             "exact": bool(good) and len(good) == len(rs) and all(r["exact"] for r in good),
@@ -445,64 +501,91 @@ def summarise(runs: list[dict], packets: int, flows: int) -> list[dict]:
     return rows
 
 
-def no_kernel_drops(row: dict) -> bool:
-    return row["failed_runs"] == 0 and row["kernel_drops"] == 0
-
-
-def print_table(rows: list[dict], args) -> None:
-    flows = rows[0]["flows"] if rows else 0
-    print(f"\nlive capture: {args.packets:,} packets ({flows:,} flows) sent by tcpreplay into {IF_B}, metered on "
-          f"{IF_A}; medians of {args.runs} alternating run(s), drops and unread the largest; each tool into its own "
-          f"default nfcapd\n")
-    head = ["tool", "fanout", "rate", "sent", "tcpreplay pps", f"at {IF_A}", "metered", "kernel drops", "unread",
-            "metered pps", "cpu s", "cpu ns/pkt", "cpu s total", "records", "nfcapd drops", "all metered", "exact"]
-    table = [head]
-    for r in rows:
-        per_packet = r["cpu_s"] / r["metered"] * 1e9 if r["cpu_s"] is not None and r["metered"] else None
-        table.append([r["tool"], "-" if r["fanout"] is None else str(r["fanout"]), rate_name(r["pps"]),
-                      cell(r["sent"]), cell(r["replay_pps"]), cell(r["at_va"]), cell(r["metered"]),
-                      cell(r["kernel_drops"]), cell(r["unread"]), cell(r["metered_per_s"]), cell(r["cpu_s"], ".2f"),
-                      cell(per_packet), cell(r["cpu_total_s"], ".2f"), cell(r["records"]), cell(r["nfcapd_drops"]),
-                      "yes" if r["all_metered"] else "NO", "yes" if r["exact"] else "NO"])
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    right = set(range(3, len(head)))
-    for n, row in enumerate(table):
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        print("| " + " | ".join(cells) + " |")
-        if n == 0:
-            print("|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2))
-                                 for i, w in enumerate(widths)) + "|")
-    print(f"\nsent / tcpreplay pps: tcpreplay's own report; at {IF_A}: frames the interface received (its rx "
-          f"counter); kernel drops: frames the kernel could not put in the meter's ring (flowmeter: its sources' "
-          f"kernel drops; softflowd: libpcap's packets dropped); unread: frames the kernel delivered that the meter "
-          f"never read; metered pps: metered / tcpreplay's seconds; cpu s: the meter's process tree from just before "
-          f"the replay until it was idle again, cpu s total: from its start to its exit")
-    if any(r["link_dropped"] for r in rows):
-        print(f"frames lost on the veth link itself ({IF_B} tx / {IF_A} rx dropped), largest: "
-              + ", ".join(f"{r['tool']} {rate_name(r['pps'])}: {r['link_dropped']:,}" for r in rows
-                          if r["link_dropped"]))
-    print("\nhighest rate with zero kernel drops in every run, of the rates tried (tcpreplay's achieved rate; "
-          "all metered says whether every packet sent was also metered):")
-    configs: dict[tuple, list[dict]] = {}
-    for r in rows:
-        configs.setdefault((r["tool"], r["fanout"]), []).append(r)
-    for (tool, fanout), rs in configs.items():
-        name = tool + (f" fanout {fanout}" if fanout else "")
-        clean = [r for r in rs if no_kernel_drops(r) and r["replay_pps"]]
-        if clean:
-            best = max(clean, key=lambda r: r["replay_pps"])
-            how = "--topspeed" if best["pps"] is None else f"--pps {best['pps']:,}"
-            print(f"- {name}: {best['replay_pps']:,.0f} packets/s (tcpreplay {how}; all metered: "
-                  f"{'yes' if best['all_metered'] else 'no'})")
-        else:
-            print(f"- {name}: none of {', '.join(rate_name(r['pps']) for r in rs)}")
+def print_tables(rows: list[dict], onsets: list[dict], args) -> None:
+    for flows in args.flows:
+        these = [r for r in rows if r["flows"] == flows]
+        if not these:
+            continue
+        print(f"\nlive capture, {flows:,} flows: {these[0]['packets']:,} packets ({FRAME_LEN}-octet UDP frames, "
+              f"{these[0]['packets'] // flows:,} a flow) sent by trafgen on CPU {SENDER_CPU} into {IF_B}, metered on "
+              f"{IF_A} by a meter pinned to CPU {METER_CPU}; medians of {args.runs} alternating run(s), drops and "
+              f"unread the largest\n")
+        body = []
+        for r in these:
+            body.append([r["meter"], rate_name(r["pps"]), cell(r["sent"]), cell(r["send_pps"]), cell(r["at_va"]),
+                         cell(r["metered"]), cell(r["kernel_drops"]), cell(r["unread"]), cell(r["cpu_s"], ".2f"),
+                         cell(r["cpu_ns_per_packet"]), cell(r["cpu_total_s"], ".2f"), cell(r["records"]),
+                         cell(r["nfcapd_drops"]), "yes" if r["all_metered"] else "no", "yes" if r["exact"] else "no"])
+        replay.markdown(["meter", "rate", "sent", "sent pps", f"at {IF_A}", "metered", "kernel drops", "unread",
+                         "cpu s", "cpu ns/pkt", "cpu s total", "records", "nfcapd drops", "all metered", "exact"],
+                        body, left=2)
+        if any(r["link_dropped"] for r in these):
+            print(f"\nframes lost on the veth link itself ({IF_B} tx / {IF_A} rx dropped), largest: "
+                  + ", ".join(f"{r['meter']} {rate_name(r['pps'])}: {r['link_dropped']:,}" for r in these
+                              if r["link_dropped"]))
+    print(f"\nsent, sent pps: trafgen's own report (its send loop's seconds); at {IF_A}: frames the interface "
+          f"received; metered: flowmeter's packets metered, softflowd's packets processed; kernel drops: frames the "
+          f"kernel could not put in the meter's ring; unread: frames put in the ring that the meter never read; "
+          f"cpu s: the meter's process tree (/proc/PID/stat) from just before the traffic until it was idle again, "
+          f"cpu ns/pkt: that per packet metered; cpu s total: from its start to its exit (wait4); exact: nfdump's "
+          f"records summed per flow key equal packets and octets sent")
+    if onsets:
+        print("\ndrop onset (offered rate: trafgen's achieved packets/s; one run per rate tried):\n")
+        body = [[o["meter"], f"{o['flows']:,}", cell(o["clean_pps"]), cell(o["drop_pps"]), o["tried"]]
+                for o in onsets]
+        replay.markdown(["meter", "flows", "highest rate without drops", "lowest rate with drops",
+                         "rates tried (kernel drops)"], body)
 
 
 # ---------------------------------------------------------------- main
 
-def measure_all(ns: Namespaces, args, only: list[str], plan: list[tuple[str, int]], pcap: Path, truth: tuple,
-                work: Path, runs: list[dict]) -> bool:
-    """The link, a flowmeter warm-up, then every rate x run x tool in alternating order; False if a run failed."""
+def run_label(r: dict) -> str:
+    return f"{r['flows']:,} flows {rate_name(r['pps'])} {meter_name(r['tool'], r['setting'], r['flows'])}"
+
+
+def measure_one(ns, a, b, tool, setting, flows, packets, pps, config, want, args, run_dir) -> dict:
+    try:
+        r = one_run(ns, a, b, tool, setting, flows, packets, pps, config, want, args.workers, run_dir)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        r = {"tool": tool, "setting": setting, "flows": flows, "pps": pps, "error": str(exc),
+             "all_metered": False, "exact": False}
+    if "error" in r:
+        log(f"{run_label(r)}: FAILED: {r['error']}\n{r.get('log', '')[-1500:]}")
+    else:
+        log(f"{run_label(r)}: sent {r['sent']:,} at {cell(r['send_pps'])} pps, at {IF_A} {r['at_va']:,}, "
+            f"metered {r['metered']:,}, kernel drops {r['kernel_drops']:,}, unread {r['unread']:,}, "
+            f"cpu {r['cpu_s']:.2f} s ({cell(r['cpu_ns_per_packet'])} ns/pkt), {r['records']:,} records, "
+            f"nfcapd drops {r['nfcapd_drops']}, {'exact' if r['exact'] else 'NOT exact'}; send {r['send_s']:.1f} s, "
+            f"idle after {r['idle_wait_s']:.1f} s, stop {r['stop_s']:.1f} s")
+    return r
+
+
+def find_onset(ns, a, b, tool, setting, flows, packets, top_pps, config, want, args, work) -> dict:
+    """Bisect trafgen's --rate below top speed to where kernel drops begin, ``--onset-steps`` single runs."""
+    clean, dropping = None, top_pps
+    tried = []
+    for step in range(args.onset_steps):
+        rate = int((dropping + (clean or 0)) / 2) if clean else int(dropping / 2)
+        rate = max(1000, rate // 1000 * 1000)
+        r = measure_one(ns, a, b, tool, setting, flows, packets, rate, config, want, args,
+                        work / f"onset-{flows}-{tool}{setting}-{step}")
+        r["onset"] = True
+        if "error" in r:
+            break
+        tried.append(f"{rate_name(rate)} ({r['kernel_drops']:,})")
+        achieved = r["send_pps"] or rate
+        if r["kernel_drops"]:
+            dropping = achieved
+        else:
+            clean = achieved
+    return {"tool": tool, "setting": setting, "flows": flows, "meter": meter_name(tool, setting, flows),
+            "clean_pps": clean, "drop_pps": dropping, "tried": ", ".join(["top (dropped)"] + tried)}
+
+
+def measure_all(ns: Namespaces, args, only: list[str], work: Path, runs: list[dict], onsets: list[dict],
+                packets: dict[int, int]) -> bool:
+    """The link, a flowmeter warm-up, then every flow count x rate x run x meter in alternating order, then the
+    drop onsets; False if a run failed."""
     ok = True
     started = time.perf_counter()
     a, b = make_lab(ns)
@@ -513,79 +596,89 @@ def measure_all(ns: Namespaces, args, only: list[str], plan: list[tuple[str, int
         warm = Flowmeter(a, work / "warm-up", None, 1, args.workers, timeout=WARM_TIMEOUT_S).stop()
         log(f"warm-up: flowmeter run started and stopped in {time.perf_counter() - started:.1f} s "
             f"(exit {warm['code']})")
-    for pps in args.pps:
-        for i in range(args.runs):
-            for tool, fanout in plan if i % 2 == 0 else plan[::-1]:
-                label = f"{rate_name(pps)} run {i + 1}/{args.runs} {tool}" + (
-                    f" fanout {fanout}" if tool == "flowmeter" else "")
-                run_dir = work / f"{rate_name(pps)}-{i + 1}-{tool}{fanout or ''}"
-                try:
-                    r = one_run(ns, a, b, tool, fanout, pps, pcap, truth, args.packets, args.workers, run_dir)
-                except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                    r = {"tool": tool, "fanout": fanout if tool == "flowmeter" else None, "pps": pps,
-                         "error": str(exc), "all_metered": False, "exact": False}
-                runs.append(r)
-                if "error" in r:
-                    ok = False
-                    log(f"{label}: FAILED: {r['error']}\n{r.get('log', '')[-1500:]}")
-                    continue
-                if tool == "flowmeter" and r["all_metered"] and not r["exact"]:
-                    ok = False
-                    log(f"{label}: every packet metered but the records do not match the truth")
-                log(f"{label}: sent {r['sent']:,} at {cell(r['replay_pps'])} pps, at {IF_A} {r['at_va']:,}, "
-                    f"metered {r['metered']:,}, kernel drops {r['kernel_drops']:,}, unread {r['unread']:,}, "
-                    f"cpu {r['cpu_s']:.2f} s, {r['records']:,} records, nfcapd drops {r['nfcapd_drops']}, "
-                    f"{'exact' if r['exact'] else 'NOT exact'}; replay {r['replay_s']:.1f} s, "
-                    f"idle after {r['idle_wait_s']:.1f} s, stop {r['stop_s']:.1f} s")
+    plan = [("flowmeter", f) for f in args.fanout if "flowmeter" in only] + \
+           ([("softflowd", "default"), ("softflowd", "exact")] if "softflowd" in only else [])
+    for flows in args.flows:
+        config = work / f"trafgen-{flows}.cfg"
+        config.write_text(trafgen_config(flows))
+        want = truth(flows, packets[flows])
+        for pps in args.rates:
+            for i in range(args.runs):
+                for tool, setting in plan if i % 2 == 0 else plan[::-1]:
+                    r = measure_one(ns, a, b, tool, setting, flows, packets[flows], pps, config, want, args,
+                                    work / f"{flows}-{rate_name(pps)}-{i + 1}-{tool}{setting}")
+                    runs.append(r)
+                    if "error" in r:
+                        ok = False
+                    elif tool == "flowmeter" and r["all_metered"] and not r["exact"]:
+                        ok = False
+                        log(f"{run_label(r)}: every packet metered but the records do not match the truth")
+        if None not in args.rates or not args.onset_steps:
+            continue
+        for tool, setting in plan:
+            top = [r for r in runs if r["flows"] == flows and r["pps"] is None and r["tool"] == tool
+                   and r["setting"] == setting and "error" not in r]
+            if not top:
+                continue
+            if worst(r["kernel_drops"] for r in top):  # from the slowest top-speed run that dropped
+                onsets.append(find_onset(ns, a, b, tool, setting, flows, packets[flows],
+                                         min(r["send_pps"] for r in top if r["kernel_drops"]), config, want, args,
+                                         work))
+            else:  # no drop at the sender's top speed: they begin above it, if anywhere
+                onsets.append({"tool": tool, "setting": setting, "flows": flows,
+                               "meter": meter_name(tool, setting, flows), "clean_pps": med(r["send_pps"] for r in top),
+                               "drop_pps": None, "tried": "top (0)"})
     return ok
-
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[1:]))
-    ap.add_argument("--packets", type=replay.size_list, default=[1_000_000],
-                    help="packets of the generated capture, e.g. 100k or 1M (default 1M)")
+    ap.add_argument("--flows", type=replay.size_list, default=[1000, 100_000],
+                    help="flows active at once, one table each, e.g. 1k,100k (default 1k,100k)")
+    ap.add_argument("--packets", type=replay.size_list, default=[2_000_000],
+                    help="frames sent per run, rounded up to a multiple of the flows (default 2M)")
     ap.add_argument("--runs", type=int, default=3, help="alternating runs per measurement; medians (default 3)")
-    ap.add_argument("--pps", type=rate_list, default=[None],
-                    help="tcpreplay rates: top (--topspeed) and/or packets per second, e.g. top,100k,200k (default top)")
+    ap.add_argument("--rates", type=rate_list, default=[None],
+                    help="offered rates: top (trafgen's top speed) and/or packets per second, e.g. top,200k "
+                         "(default top)")
+    ap.add_argument("--onset-steps", type=int, default=4,
+                    help="single runs bisecting the rate where kernel drops begin, for each meter that dropped at "
+                         "top speed (default 4; 0: none)")
     ap.add_argument("--fanout", type=fanout_list, default=[1, 2], help="flowmeter Fanout values (default 1,2)")
     ap.add_argument("--workers", type=int, default=0, help="flowmeter Workers (default 0: flowmeter's own choice)")
     ap.add_argument("--only", default=",".join(TOOLS), help="tools to run: flowmeter, softflowd (default both)")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--json", type=Path, help="also write every run and the table's rows here as JSON")
+    ap.add_argument("--json", type=Path, help="also write every run and the tables' rows here as JSON")
     ap.add_argument("--keep", action="store_true",
                     help="keep the working directory (profiles, logs, nfcapd files) and print where it is")
-    ap.add_argument("--data", type=Path, default=replay.DATA, help=f"where captures are cached (default {replay.DATA})")
     args = ap.parse_args(argv)
     only = [t.strip() for t in args.only.split(",") if t.strip()]
     if not only or any(t not in TOOLS for t in only):
         ap.error(f"--only: {args.only!r}: tools are {', '.join(TOOLS)}")
     if len(args.packets) != 1:
-        ap.error("--packets: one capture size")
-    args.packets = args.packets[0]
+        ap.error("--packets: one number of frames")
+    if any(f > 1 << 24 for f in args.flows):
+        ap.error("--flows: at most 16,777,216 flows (source addresses in 10.0.0.0/8)")
     if args.runs < 1:
         ap.error(f"--runs: {args.runs} is not a positive number of runs")
+    if not 0 <= args.onset_steps <= 20:
+        ap.error(f"--onset-steps: {args.onset_steps} is not 0 to 20")
     if not 0 <= args.workers <= 64:
         ap.error(f"--workers: {args.workers} is not 0 to 64")
+    cpus = os.sched_getaffinity(0)
+    if not {SENDER_CPU, METER_CPU} <= cpus:
+        ap.error(f"needs CPUs {SENDER_CPU} and {METER_CPU} (the sender's and the meter's); this process may use "
+                 f"{sorted(cpus)}")
     why = available()
     if why:
         ap.error(why)
     try:
-        require("tcpreplay", "ethtool", "nfcapd", "nfdump",
+        require("trafgen", "taskset", "ethtool", "nfcapd", "nfdump",
                 *(("softflowd", "softflowctl") if "softflowd" in only else ()))
     except RuntimeError as exc:
         ap.error(str(exc))
-
-    replay.DATA = args.data.resolve()
-    replay.DATA.mkdir(parents=True, exist_ok=True)
-    replay.prune_stale()
-    files, truth_csv = replay.capture("traffic", args.packets, args.seed)
-    pcap = files[0]
-    truth = replay.load_truth(truth_csv)
-    plan = [("flowmeter", f) for f in args.fanout if "flowmeter" in only] + \
-           ([("softflowd", 0)] if "softflowd" in only else [])
+    packets = {f: -(-args.packets[0] // f) * f for f in args.flows}
 
     def interrupted(signum, frame):  # a stop signal cleans up like Ctrl-C
         raise KeyboardInterrupt
@@ -593,10 +686,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     work = Path(tempfile.mkdtemp(prefix="bench-live-"))
     runs: list[dict] = []
+    onsets: list[dict] = []
     try:
         with Namespaces() as ns:
             try:
-                ok = measure_all(ns, args, only, plan, pcap, truth, work, runs)
+                ok = measure_all(ns, args, only, work, runs, onsets, packets)
             finally:
                 stop_all()  # before the namespaces go
     except KeyboardInterrupt:
@@ -612,15 +706,14 @@ def main(argv: list[str] | None = None) -> int:
             log(f"working directory kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    flows = len(truth[0])
-    rows = summarise(runs, args.packets, flows)
-    print_table(rows, args)
+    rows = summarise(runs, packets)
+    print_tables(rows, onsets, args)
     if args.json:
-        args.json.write_text(json.dumps({"generator": replay.GENERATOR, "ok": ok,
-                                         "args": {k: (str(v) if isinstance(v, Path) else v)
-                                                  for k, v in vars(args).items()},
-                                         "rows": rows, "runs": [{k: v for k, v in r.items() if k != "log"}
-                                                                for r in runs]}, indent=1))
+        args.json.write_text(json.dumps({"ok": ok, "args": {k: (str(v) if isinstance(v, Path) else v)
+                                                            for k, v in vars(args).items()},
+                                         "rows": rows, "onsets": onsets,
+                                         "runs": [{k: v for k, v in r.items() if k != "log"} for r in runs]},
+                                        indent=1))
     if not ok:
         log("bench_live: a run failed (see above)")
     return 0 if ok else 1

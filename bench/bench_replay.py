@@ -1,30 +1,39 @@
-"""Benchmark: flowmeter replay against softflowd on the same captures, each into a real nfcapd.
+"""Benchmark: flowmeter replay against the floor and softflowd on the same captures, each meter into a real nfcapd.
 
-    .venv/bin/python bench/bench_replay.py            # the full acceptance run, every table (10-20 min)
+    .venv/bin/python bench/bench_replay.py --frames headers   # header captures: every table (10-20 min)
+    .venv/bin/python bench/bench_replay.py --frames full      # full-size captures: the replay tables (about 10 min)
     .venv/bin/python bench/bench_replay.py --packets 100k --runs 1 --workers 1 --captures 1
 
 Deterministic captures and their ground truth are generated once with
 ``tests.support.traffic`` and cached in ``bench/.data/`` (file names carry a
-digest of the generator, so a changed generator makes new files). Every
-measured command runs alone, its whole process tree watched: wall time,
-CPU time (user + system of every process, from ``wait4``), peak RSS (the
-sum over the tree, sampled every 20 ms). Each tool exports into its own
-nfcapd on loopback started as an operator would (kernel default receive
-buffer, no ``-B``), and nfdump's records summed per flow key must equal the
-truth, packets and bytes. ``drops`` is what the kernel dropped for that
-nfcapd's socket (/proc/net/udp); the flush table also gives ``Udp
-RcvbufErrors`` of /proc/net/snmp before and after, which counts the whole
-machine.
+digest of the generator, so a changed generator makes new files): header
+captures (snap length 128) or, with ``--frames full``, every frame whole.
+Every measured command runs alone, its whole process tree watched: wall
+time, CPU time (user + system of every process, from ``wait4``), peak RSS
+(the sum over the tree, sampled every 20 ms). Each meter exports into its own
+nfcapd on loopback and nfdump's records summed per flow key must equal the
+truth, packets and bytes. In the replay tables that nfcapd's socket gets a
+forced receive buffer (``--collector-buffer-mb``, 256 MiB), so that a burst
+at the end of a file is not lost on the way; the memory and flush tables
+keep nfcapd as an operator starts it (kernel default buffer, no ``-B``).
+``drops`` is what the kernel dropped for that nfcapd's socket
+(/proc/net/udp); the flush table also gives ``Udp RcvbufErrors`` of
+/proc/net/snmp before and after, which counts the whole machine.
 
-Sections (``--only`` picks some):
+Sections (``--only`` picks some; with ``--frames full`` only replay runs by
+default, the others do not depend on the frames):
 
-replay    for each capture size (``--packets``, default 1M,5M): flowmeter with
-          every ``--workers`` x ``--captures`` configuration and softflowd, in
-          alternating order over ``--runs`` runs (default 3), medians. With C
-          capture processes the capture is generated as C files, split by a
-          symmetric hash of the conversation (as the members of an AF_PACKET
-          fanout group would each see it), and replayed with
-          ``flowmeter replay F-0.pcap .. F-(C-1).pcap --captures C``. A second
+replay    for each capture size (``--packets``, default 1M,5M), in alternating
+          order over ``--runs`` runs (default 3), medians: the floor
+          (``tcpdump -r FILE -w /dev/null``), softflowd at its default
+          (``-m 8192``: it ends flows early), softflowd with ``-m`` above the
+          flow count (every flow held: checked against the truth like
+          flowmeter), and flowmeter with every ``--workers`` x ``--captures``
+          configuration; then flowmeter's wall and CPU as ratios to the three.
+          With C capture processes the capture is generated as C files, split
+          by a symmetric hash of the conversation (as the members of an
+          AF_PACKET fanout group would each see it), and replayed with
+          ``flowmeter replay F-0.pcap .. F-(C-1).pcap --captures C``. A last
           table splits flowmeter's CPU by stage (capture, worker, exporter,
           from ``flowmeter replay --stats``; ``rest``: the supervisor,
           start-up and compile).
@@ -44,8 +53,8 @@ flush     the same runs seen as an export test: every flow is still cached when
 
 Read ratios, not absolute figures: these machines are shared and noisy;
 the ratio of two tools measured in alternation on the same input is what
-carries over. Exit status 1 if a run failed or flowmeter's records did not
-match the truth; ``--json PATH`` also writes every result as JSON.
+carries over. Exit status 1 if a run failed or flowmeter's or
+softflowd-exact's records did not match the truth; ``--json PATH`` also writes every result as JSON.
 """
 from __future__ import annotations
 
@@ -56,6 +65,7 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -124,9 +134,24 @@ def prune_stale() -> None:
         log(f"removed {len(stale)} cached file(s) of an older generator from {DATA}")
 
 
-def capture(kind: str, n: int, seed: int, split: int = 1) -> tuple[list[Path], Path]:
-    """The capture files and truth CSV of ``kind`` (traffic: n packets; concurrent: n flows); made once."""
-    stem = f"{kind}-{n}-{seed}-{GENERATOR}"
+FRAMES = ("headers", "full")
+FULL_SNAPLEN = 65535  # more than the longest generated frame (1,494 octets): every frame whole
+# capture octets per packet, rounded up, for the free-space check: record header + captured frame
+BYTES_PER_PACKET = {"headers": 130, "full": 340}
+ROOM_MARGIN = 2 << 30  # left free on the cache's file system after the captures are written
+
+
+def capture_stem(kind: str, n: int, seed: int, frames: str = "headers") -> str:
+    return f"{kind}-{n}-{seed}-{GENERATOR}" + ("-full" if frames == "full" else "")
+
+
+def capture(kind: str, n: int, seed: int, split: int = 1, frames: str = "headers") -> tuple[list[Path], Path]:
+    """The capture files and truth CSV of ``kind`` (traffic: n packets; concurrent: n flows); made once.
+
+    ``frames``: ``headers`` keeps at most 128 octets of a frame (the
+    generator's default snap length), ``full`` every frame whole.
+    """
+    stem = capture_stem(kind, n, seed, frames)
     truth = DATA / f"{stem}.csv"
     out = DATA / (f"{stem}.pcap" if split == 1 else f"{stem}-split{split}.pcap")
     files = [out] if split == 1 else [DATA / f"{stem}-split{split}-{i}.pcap" for i in range(split)]
@@ -135,6 +160,8 @@ def capture(kind: str, n: int, seed: int, split: int = 1) -> tuple[list[Path], P
         return files, truth
     cmd = [sys.executable, "-m", "tests.support.traffic", str(out), "--seed", str(seed),
            "--packets" if kind == "traffic" else "--concurrent-flows", str(n)]
+    if frames == "full":
+        cmd += ["--snaplen", str(FULL_SNAPLEN)]
     if split > 1:
         cmd += ["--split", str(split)]
     part = truth.with_suffix(".csv.part")
@@ -146,6 +173,29 @@ def capture(kind: str, n: int, seed: int, split: int = 1) -> tuple[list[Path], P
         part.rename(truth)
     done.touch()
     return files, truth
+
+
+def check_room(sizes: list[int], frames: str, splits: set[int], seed: int) -> None:
+    """Refuse (one line, before anything is written) when the captures still to make would not fit in DATA.
+
+    ``splits``: the capture-process counts; the single file (1) is always
+    needed, the floor and softflowd read it.
+    """
+    need = 0
+    for n in sizes:
+        stem = capture_stem("traffic", n, seed, frames)
+        for split in splits | {1}:
+            done = DATA / (f"{stem}.done" if split == 1 else f"{stem}-split{split}.done")
+            if not done.exists():
+                need += n * BYTES_PER_PACKET[frames]
+    free = shutil.disk_usage(DATA).free
+    if need and free - need < ROOM_MARGIN:
+        raise SystemExit(f"bench_replay: the {frames} captures to generate take about {need / 2**30:.1f} GiB and "
+                         f"{DATA} has {free / 2**30:.1f} GiB free (at least {ROOM_MARGIN / 2**30:.0f} GiB must "
+                         f"stay free): choose smaller --packets or another --data")
+    if need:
+        log(f"generating about {need / 2**30:.1f} GiB of {frames} captures in {DATA} "
+            f"({free / 2**30:.1f} GiB free)")
 
 
 def load_truth(path: Path) -> tuple[Counter, Counter]:
@@ -311,11 +361,55 @@ def start_nfcapd(directory: Path) -> Nfcapd:
     raise AssertionError("unreachable")
 
 
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>: SO_RCVBUF past net.core.rmem_max, for CAP_NET_ADMIN
+SYS_PIDFD_GETFD = 438  # the same number on every architecture
+
+
+def force_receive_buffer(pid: int, port: int, size: int) -> int:
+    """Give the UDP socket process ``pid`` bound to ``port`` a receive buffer of ``size`` octets; return what the
+    kernel set (twice the size: it counts its bookkeeping too).
+
+    nfcapd's own ``-B`` uses SO_RCVBUF, which the kernel caps at
+    net.core.rmem_max (a machine-wide setting). Instead the socket is
+    borrowed from the running nfcapd (``pidfd_getfd``: the same socket, a
+    new descriptor) and given SO_RCVBUFFORCE, which root may set beyond it.
+    Nothing else of the machine changes.
+    """
+    import ctypes
+
+    inodes = set()
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        for f in (line.split() for line in Path(table).read_text().splitlines()[1:]):
+            if int(f[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f[9])
+    fd = next((int(link.name) for link in Path(f"/proc/{pid}/fd").iterdir()
+               if os.readlink(link) in {f"socket:[{i}]" for i in inodes}), None)
+    if fd is None:
+        raise RuntimeError(f"no socket of process {pid} is bound to UDP port {port}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        borrowed = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if borrowed < 0:
+            raise OSError(ctypes.get_errno(), f"pidfd_getfd of nfcapd's socket: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(pidfd)
+    sock = socket.socket(fileno=borrowed)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    finally:
+        sock.close()  # our descriptor only: nfcapd's stays open
+
+
 def metered_run(tool: str, files: list[Path], truth: tuple[Counter, Counter], tmp: Path, workers: int = 1,
-                captures: int = 1, max_flows: int | None = None) -> dict:
-    """One run of ``tool`` on ``files`` into a default nfcapd: measurement, records, drops, exactness."""
+                captures: int = 1, max_flows: int | None = None, receive_buffer: int | None = None) -> dict:
+    """One run of ``tool`` on ``files`` into its own nfcapd (``receive_buffer``: its socket's, forced; None: the
+    kernel's default): measurement, records, drops, exactness."""
     run_dir = Path(tempfile.mkdtemp(dir=tmp))
     nf = start_nfcapd(run_dir / "nfcapd")
+    if receive_buffer:
+        force_receive_buffer(nf.proc.pid, nf.port, receive_buffer)
     stats = run_dir / "stats.json"
     try:
         before = udp_rcvbuf_errors()
@@ -429,52 +523,136 @@ def stage_cpu(r: dict) -> dict:
 
 # ---------------------------------------------------------------- sections
 
+SOFTFLOWD_DEFAULT_FLOWS = 8192  # softflowd's -m when none is given
+
+
+def floor_run(capture_file: Path) -> dict:
+    """The machine's floor: ``tcpdump -r FILE -w /dev/null`` reads every record and writes it back out."""
+    m = measure(["tcpdump", "-r", str(capture_file), "-w", "/dev/null"])
+    m.update(tool="tcpdump", records=None, drops=None, exact=None, stats={})
+    return m
+
+
+def replay_label(tool: str, w: int | None, c: int | None, max_flows: int | None) -> str:
+    if tool == "tcpdump":
+        return "tcpdump -r -w /dev/null (floor)"
+    if tool == "softflowd-default":
+        return f"softflowd -m {SOFTFLOWD_DEFAULT_FLOWS} (default: evicts, no exact flows)"
+    if tool == "softflowd-exact":
+        return f"softflowd -m {max_flows:,} (exact)"
+    return f"flowmeter workers {w} captures {c}"
+
+
+def markdown(head: list[str], body: list[list[str]], left: int = 1) -> None:
+    """A markdown table: the first ``left`` columns left-aligned, the others right-aligned."""
+    table = [head, *body]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for n, row in enumerate(table):
+        print("| " + " | ".join(c.ljust(w) if i < left else c.rjust(w)
+                                for i, (c, w) in enumerate(zip(row, widths))) + " |")
+        if n == 0:
+            rule = ("-" * (w + 2) if i < left else "-" * (w + 1) + ":" for i, w in enumerate(widths))
+            print("|" + "|".join(rule) + "|")
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}x"
+
+
 def section_replay(args, tmp: Path, results: dict) -> bool:
     ok = True
     configs = [(w, c) for c in args.captures for w in args.workers]
     rows = []
+    check_room(args.packets, args.frames, set(args.captures), args.seed)
+    buffer = args.collector_buffer_mb << 20
     for n in args.packets:
-        files = {c: capture("traffic", n, args.seed, c) for c in sorted(set(args.captures))}
-        truth = load_truth(files[1][1] if 1 in files else capture("traffic", n, args.seed)[1])
-        plan = [("flowmeter", w, c) for w, c in configs] + [("softflowd", 1, 1)]
+        whole, truth_csv = capture("traffic", n, args.seed, 1, args.frames)
+        files = {c: capture("traffic", n, args.seed, c, args.frames)[0] for c in sorted(set(args.captures))}
+        truth = load_truth(truth_csv)
+        flows = len(truth[0])
+        exact_flows = flows + flows // 10 + 64  # softflowd -m above the flow count: it never evicts
+        size = sum(f.stat().st_size for f in whole)
+        plan = [("tcpdump", None, None), ("softflowd-default", None, None), ("softflowd-exact", None, None)] + \
+               [("flowmeter", w, c) for w, c in configs]
         runs: dict[tuple, list[dict]] = {p: [] for p in plan}
         for i in range(args.runs):
             for tool, w, c in plan if i % 2 == 0 else plan[::-1]:
-                caps = files[c][0] if tool == "flowmeter" else capture("traffic", n, args.seed)[0]
-                r = metered_run(tool, caps, truth, tmp, w, c)
+                if tool == "tcpdump":
+                    r = floor_run(whole[0])
+                elif tool == "flowmeter":
+                    r = metered_run(tool, files[c], truth, tmp, w, c, receive_buffer=buffer)
+                else:
+                    r = metered_run("softflowd", whole, truth, tmp, receive_buffer=buffer,
+                                    max_flows=exact_flows if tool == "softflowd-exact" else None)
+                r["tool"] = tool
                 bad = failed(r, f"{short(n)} run {i + 1}")
-                if tool == "flowmeter" and (bad or not r["exact"]):
+                if tool in ("flowmeter", "softflowd-exact") and not bad and not r["exact"]:
+                    log(f"{short(n)} run {i + 1}: {replay_label(tool, w, c, exact_flows)}: the records do not "
+                        f"match the truth")
                     ok = False
                 ok &= not bad
                 runs[(tool, w, c)].append(r)
-                log(f"{short(n)} run {i + 1}/{args.runs} {tool}" + (f" workers {w} captures {c}" if tool == "flowmeter"
-                    else "") + f": {n / r['wall']:,.0f} packets/s, {r['records']:,} records, drops {r['drops']}, "
-                    f"{'exact' if r['exact'] else 'NOT exact'}")
+                log(f"{short(n)} {args.frames} run {i + 1}/{args.runs} {replay_label(tool, w, c, exact_flows)}: "
+                    f"{n / r['wall']:,.0f} packets/s, wall {r['wall']:.2f} s, cpu {r['cpu']:.2f} s"
+                    + ("" if tool == "tcpdump" else f", {r['records']:,} records, drops {r['drops']}, "
+                       f"{'exact' if r['exact'] else 'NOT exact'}"))
         for (tool, w, c), rs in runs.items():
             wall = med(r["wall"] for r in rs)
             cpu = med(r["cpu"] for r in rs)
-            rows.append({"packets": n, "flows": len(truth[0]), "tool": tool, "workers": w if tool == "flowmeter" else None,
-                         "captures": c if tool == "flowmeter" else None, "packets_per_s": n / wall, "wall_s": wall,
+            measured = tool != "tcpdump"
+            rows.append({"packets": n, "flows": flows, "frames": args.frames, "capture_bytes": size, "tool": tool,
+                         "label": replay_label(tool, w, c, exact_flows),
+                         "workers": w, "captures": c,
+                         "max_flows": exact_flows if tool == "softflowd-exact" else
+                         SOFTFLOWD_DEFAULT_FLOWS if tool == "softflowd-default" else None,
+                         "packets_per_s": n / wall, "wall_s": wall,
                          "cpu_s": cpu, "cpu_ns_per_packet": cpu / n * 1e9, "rss_mb": med(r["rss"] for r in rs) / 2**20,
-                         "records": med(r["records"] for r in rs), "drops": max(r["drops"] for r in rs),
-                         "exact": all(r["exact"] and r["code"] == 0 for r in rs),
+                         "records": med(r["records"] for r in rs) if measured else None,
+                         "drops": max(r["drops"] for r in rs) if measured else None,
+                         "exact": all(r["exact"] and r["code"] == 0 for r in rs) if measured else None,
+                         "failed_runs": sum(r["code"] != 0 for r in rs),
                          "stages": {st: med(stage_cpu(r)[st] for r in rs) for st in STAGES},
                          "table_bytes": med((r["stats"].get("worker") or {}).get("table_bytes") for r in rs),
                          "active_peak": med((r["stats"].get("worker") or {}).get("active_peak") for r in rs)})
     results["replay"] = rows
-    soft = {r["packets"]: r["packets_per_s"] for r in rows if r["tool"] == "softflowd"}
-    print(f"\nreplay: medians of {args.runs} alternating run(s); each tool into its own default nfcapd")
-    print(f"{'packets':>10} {'flows':>9} {'tool':<10} {'workers':>7} {'captures':>8} {'packets/s':>11} "
-          f"{'vs softflowd':>12} {'wall s':>7} {'cpu s':>7} {'cpu ns/pkt':>10} {'peak RSS MB':>11} "
-          f"{'records':>9} {'drops':>6} {'exact':>6}")
-    for r in rows:
-        print(f"{r['packets']:>10,} {r['flows']:>9,} {r['tool']:<10} {fmt(r['workers'], 'd', 7)} "
-              f"{fmt(r['captures'], 'd', 8)} {r['packets_per_s']:>11,.0f} "
-              f"{r['packets_per_s'] / soft[r['packets']]:>11.2f}x {r['wall_s']:>7.2f} {r['cpu_s']:>7.2f} "
-              f"{r['cpu_ns_per_packet']:>10.0f} {r['rss_mb']:>11.0f} {r['records']:>9,.0f} {r['drops']:>6} "
-              f"{'yes' if r['exact'] else 'NO':>6}")
-    print("\nflowmeter CPU by stage (flowmeter replay --stats): seconds (share of the process tree's CPU); rest = "
-          "supervisor, start-up, compile; stages ns/pkt = the stages' CPU per packet, without start-up; medians")
+    what = {"headers": "header captures (snap length 128)",
+            "full": "full-size captures (every frame whole)"}[args.frames]
+    for n in args.packets:
+        these = [r for r in rows if r["packets"] == n]
+        first = these[0]
+        print(f"\nreplay, {what}: {n:,} packets, {first['flows']:,} flows, {first['capture_bytes'] / 2**20:,.0f} MB; "
+              f"medians of {args.runs} alternating run(s); each meter into its own nfcapd, receive buffer "
+              f"{f'{args.collector_buffer_mb} MiB' if args.collector_buffer_mb else 'the kernel default'}\n")
+        body = []
+        for r in these:
+            body.append([r["label"], f"{r['packets_per_s']:,.0f}", f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
+                         f"{r['cpu_ns_per_packet']:.0f}", f"{r['rss_mb']:.0f}", fmt(r["records"], ",.0f", 0),
+                         "-" if r["records"] is None else f"{r['records'] / r['flows']:.2f}", fmt(r["drops"], "d", 0),
+                         "-" if r["exact"] is None else "yes" if r["exact"] else "no"])
+        markdown(["tool", "packets/s", "wall s", "cpu s", "cpu ns/pkt", "peak RSS MB", "records", "records/flow",
+                  "drops", "exact"], body)
+        print(f"\nfloor: the cost of reading the capture and nothing else; softflowd -m {SOFTFLOWD_DEFAULT_FLOWS}: "
+              f"with more flows active than that it ends the oldest early (records/flow above 1), so its records "
+              f"are not the capture's flows, even where their sums match; -m above the flow count holds every flow "
+              f"as flowmeter does (MaxFlows 1M). exact: nfdump's records summed per flow key equal the truth. "
+              f"drops: datagrams lost at that meter's nfcapd socket")
+        by_tool = {r["tool"]: r for r in these if r["tool"] != "flowmeter"}
+        floor, exact, default = (by_tool.get(t) for t in ("tcpdump", "softflowd-exact", "softflowd-default"))
+        print(f"\nflowmeter's ratios, {n:,} packets ({args.frames}): its wall and CPU seconds divided by the other "
+              f"tool's, same capture, same runs (1.00x: as fast; 2.00x: twice the time)\n")
+        body = []
+        for r in these:
+            if r["tool"] != "flowmeter":
+                continue
+            body.append([str(r["workers"]), str(r["captures"]),
+                         ratio(r["wall_s"], floor["wall_s"]), ratio(r["cpu_s"], floor["cpu_s"]),
+                         ratio(r["wall_s"], exact["wall_s"]), ratio(r["cpu_s"], exact["cpu_s"]),
+                         ratio(r["wall_s"], default["wall_s"]), ratio(r["cpu_s"], default["cpu_s"])])
+        markdown(["workers", "captures", "wall / floor", "cpu / floor", "wall / softflowd exact",
+                  "cpu / softflowd exact", "wall / softflowd default", "cpu / softflowd default"], body, left=0)
+    print(f"\nflowmeter CPU by stage, {args.frames} (flowmeter replay --stats): seconds (share of the process tree's "
+          "CPU); rest = supervisor, start-up, compile; stages ns/pkt = the stages' CPU per packet, without start-up; "
+          "medians")
     print(f"{'packets':>10} {'workers':>7} {'captures':>8} " + " ".join(f"{st:>16}" for st in STAGES + ("rest",))
           + f" {'stages ns/pkt':>13} {'table MB':>9} {'active peak':>11}")
     for r in rows:
@@ -614,17 +792,28 @@ def main(argv: list[str] | None = None) -> int:
                     help="flowmeter capture processes (default 1,2); C > 1 replays C split files")
     ap.add_argument("--flows", type=size_list, default=[1_000_000],
                     help="concurrent flows of the memory and flush runs (default 1M)")
-    ap.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run (default all: {','.join(SECTIONS)})")
+    ap.add_argument("--collector-buffer-mb", type=int, default=256, metavar="MB",
+                    help="receive buffer of each meter's nfcapd in the replay tables, in MiB, forced past "
+                         "net.core.rmem_max, so that no record is lost on the way (default 256; 0: the kernel's "
+                         "default, as nfcapd starts without -B)")
+    ap.add_argument("--frames", choices=FRAMES, default="headers",
+                    help="replay captures of headers (snap length 128) or of full frames (default headers)")
+    ap.add_argument("--only", help=f"sections to run (default: with --frames headers all of {','.join(SECTIONS)}; "
+                                   f"with --frames full replay, the only one that depends on the frames)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write every result here as JSON")
     ap.add_argument("--data", type=Path, default=DATA, help=f"where captures are cached (default {DATA})")
     args = ap.parse_args(argv)
+    if args.only is None:
+        args.only = ",".join(SECTIONS) if args.frames == "headers" else "replay"
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in SECTIONS]
     if unknown:
         ap.error(f"--only: {unknown[0]} is not a section; sections are {', '.join(SECTIONS)}")
     if args.runs < 1:
         ap.error(f"--runs: {args.runs} is not a positive number of runs")
+    if not 0 <= args.collector_buffer_mb <= 4096:
+        ap.error(f"--collector-buffer-mb: {args.collector_buffer_mb} is not 0 to 4096")
     if len(args.flows) != 1:
         ap.error("--flows: one number of flows")
     args.flows = args.flows[0]
@@ -649,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     if not ok:
-        log("bench_replay: a run failed or flowmeter's records did not match the truth (see above)")
+        log("bench_replay: a run failed or a meter's records did not match the truth (see above)")
     return 0 if ok else 1
 
 
