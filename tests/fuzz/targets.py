@@ -13,7 +13,9 @@ kernels (which do not bounds-check): both must give the same digest.
 ``decode``  ``decode_batch`` + ``nflog_prefixes`` (flowmeter/capture/decode.py)
             on records of any supported link type; each record is decoded
             twice, once followed by 0x00 octets and once by 0xFF octets: a
-            read past the record's captured end shows as two different rows
+            read past the record's captured end shows as two different rows;
+            every row must equal the decoder's plain-Python twin's
+            (tests/capture/test_decode.py)
 ``pcap``    ``CaptureFile`` (pcapfile.py) on the octets as a pcap/pcapng file,
             held in memory and read from a file in small blocks (both must
             yield the same records), then every batch decoded
@@ -150,15 +152,22 @@ def decode_one(data: bytes) -> str:
     records = parse_records(data)
     if not records:
         return "empty"
-    a = decoded(_batch(records, 0x00))
+    batch = _batch(records, 0x00)
+    a = decoded(batch)
     b = decoded(_batch(records, 0xFF))
     check(a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes(),
           "a record decodes differently with other octets after it: a read past its captured end")
+    from tests.capture.test_decode import assert_kernel_matches_twin
+    assert_kernel_matches_twin(batch)  # and like the decoder's plain-Python twin, field by field
     return _digest(a[0], a[1], a[2].nflog_prefix_length, a[2].nflog_hook, a[3])
 
 
 def decode_seeds() -> Iterator[bytes]:
     from flowmeter.capture.sources.pcapfile import CaptureFile
+    from tests.capture.test_decode import edge_cases
+    cases = edge_cases()
+    for at in range(0, len(cases), 3):
+        yield encode_records([(linktype, 0, frame) for _name, linktype, frame, _orig in cases[at:at + 3]])
     for path in capture_files():
         try:
             capture = CaptureFile.from_bytes(path.read_bytes(), path.name)

@@ -483,7 +483,7 @@ class CaptureFile:
             n, at, stop = walk_pcap_records(  # read-only, as the warm-up compiled it (decode.warm_up)
                 read_only(self.buf), self.bytes_read - self.base, self._have, self._big, self._frac_ns, MAX_CAPLEN, 0,
                 capacity, cols.offset, cols.caplen, cols.origlen, cols.ts_ns)
-            self.bytes_read = self.base + at
+            self.bytes_read = self.base + int(at)
             cols.linktype[:n] = self.linktype
             cols.ifindex[:n] = 1  # the file's one interface
             cols.direction[:n] = DIR_UNKNOWN
@@ -598,7 +598,7 @@ class CaptureFile:
                 read_only(self.buf), self.bytes_read - self.base, self._have, self._big, MAX_CAPLEN, n, capacity,
                 np.uint64(self._last_ts), *self._tables, cols.offset, cols.caplen, cols.origlen, cols.ts_ns,
                 cols.linktype, cols.ifindex, cols.direction)
-            self.bytes_read = self.base + at
+            self.bytes_read = self.base + int(at)
             n += k
             p = self.bytes_read
             if stop in (STOP_END, STOP_TRUNCATED) and self._more():  # the file goes on past the buffer
