@@ -25,7 +25,8 @@ kernels (which do not bounds-check): both must give the same digest.
             "unexpected error" (a bug, by its own definition) is a crash
 ``ipfix``   ``Decoder`` (exporter/decoder.py) on a stream of messages, every
             record printed by ``flowmeter collect``'s ``record_line`` and
-            ``record_json`` (exporter/collect.py)
+            ``record_json`` (exporter/collect.py); data sets decoded with
+            numpy and record by record must print the same
 =========  ==================================================================
 
 Flowmeter is imported inside ``load()`` only, so that the runner can import
@@ -400,10 +401,11 @@ def frame_messages(messages: list[bytes]) -> bytes:
     return b"\x01" + b"".join(struct.pack("!H", len(m)) + m for m in messages)
 
 
-def ipfix_one(data: bytes) -> str:
+def _collected(data: bytes, numpy_min_records: int) -> tuple:
+    """What ``flowmeter collect`` prints for the IPFIX input ``data``: record lines, JSON lines, summary."""
     from exporter.collect import record_json, record_line, summary_line
     from exporter.decoder import Decoder
-    decoder = Decoder(numpy_min_records=1 + (data[0] % 8 if data else 0))
+    decoder = Decoder(numpy_min_records=numpy_min_records)
     source = ("192.0.2.1", 4739)
     what = ipfix_messages(data)
     batches = decoder.iter_stream(what, source) if isinstance(what, bytes) else (decoder.decode(m, source)
@@ -420,7 +422,16 @@ def ipfix_one(data: bytes) -> str:
     check("\n" not in summary, "a summary of more than one line")
     if decoder.stats.last_error is not None:
         check("\n" not in decoder.stats.last_error, "an error of more than one line")
-    return _digest(out, summary)
+    return out, summary
+
+
+def ipfix_one(data: bytes) -> str:
+    """Decoded twice: data sets of one or more records through the numpy path, and every one record
+    by record; both must print the same."""
+    by_numpy = _collected(data, 1)
+    by_record = _collected(data, 1 << 30)
+    check(by_numpy == by_record, "the numpy and the per-record decoding of data sets differ")
+    return _digest(*by_numpy)
 
 
 def ipfix_seeds() -> Iterator[bytes]:
