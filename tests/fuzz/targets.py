@@ -59,8 +59,11 @@ def check(condition: bool, what: str) -> None:
 
 
 def _digest(*parts: object) -> str:
+    import numpy as np
     h = hashlib.sha256()
     for part in parts:
+        if isinstance(part, np.generic):  # a kernel's number: a numpy scalar as Python, an int compiled
+            part = part.item()
         if hasattr(part, "tobytes"):
             part = part.tobytes()
         elif not isinstance(part, bytes):
