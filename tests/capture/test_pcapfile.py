@@ -799,3 +799,23 @@ def test_replay_of_a_capture_cut_by_another_process_exits_1_with_one_line(tmp_pa
     assert offset == 24 + (frame - 1) * record and offset <= size
     assert "Traceback" not in err and "SIGBUS" not in err
     assert f"{frame - 1:,} frames" in err  # every frame before it was metered
+
+
+def test_a_read_error_past_the_header_ends_with_one_line_after_what_was_read(tmp_path, monkeypatch):
+    import errno
+
+    from flowmeter.capture.sources import pcapfile
+    path = tmp_path / "eio.pcap"
+    frames = udp_frames(1000)
+    write_pcap(path, frames)
+    record = 16 + len(frames[0][1])
+    capture = open_capture(path, block_octets=50 * record)
+
+    def failing_read(*args):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(pcapfile.os, "preadv", failing_read)
+    assert sum(len(b) for b in capture.batches()) == 49 and not capture.complete  # the first block's
+    # the read that failed is the next block's, from where the first ended (inside record 50)
+    assert capture.error == f"{path}: cannot read at offset {50 * record}: Input/output error"
+    assert capture.bytes_read == 24 + 49 * record

@@ -370,6 +370,7 @@ class CaptureFile:
         self._block = max(64, int(block_octets))
         self._lent = False  # batches given out may still use buf: the next read goes to a new one
         self._shrunk: int | None = None  # the file's size when a read came back short
+        self._read_error: str | None = None  # a read that failed (the walk ends there)
         if data is None:
             try:
                 self._file = open(self.path, "rb", buffering=0)
@@ -419,13 +420,13 @@ class CaptureFile:
 
     def _more(self) -> bool:
         """Whether the file holds octets past the buffer's (as far as it is known)."""
-        return self._shrunk is None and self.base + self._have < self.size
+        return self._shrunk is None and self._read_error is None and self.base + self._have < self.size
 
     def _load(self, p: int, n: int) -> None:
         """Read the file from offset ``p`` into the buffer: at least ``n`` octets (fewer at the end of
         the file), as many as a block holds. What the buffer holds from ``p`` on is kept, not read
         again. A read that comes back short sets ``_shrunk``: the file was cut."""
-        if self._file is None or self._shrunk is not None:
+        if self._file is None or not self._more():
             return
         want = min(max(n, self._block), self.size - p)
         keep = max(0, self.base + self._have - p) if p >= self.base else 0
@@ -441,8 +442,11 @@ class CaptureFile:
         while self._have < want:
             try:
                 got = os.preadv(self._file.fileno(), [view[self._have:want]], p + self._have)
-            except OSError as e:
-                raise CaptureError(f"{self.path}: cannot read at offset {p + self._have}: {e.strerror or e}") from e
+            except OSError as e:  # EIO, a file on a network share gone: what was read is metered
+                self._read_error = f"{self.path}: cannot read at offset {p + self._have}: {e.strerror or e}"
+                if p == 0:
+                    raise CaptureError(self._read_error) from e
+                break
             if not got:
                 self._shrunk = os.fstat(self._file.fileno()).st_size
                 break
@@ -613,7 +617,8 @@ class CaptureFile:
                 return n  # reading the section header would reuse the buffer the batch uses
             cause = self._read_shb(p) if is_shb else self._read_idb(p)
             if cause:
-                if self._shrunk is not None and not self._loaded(p, self._block_need(p)):
+                if not self._more() and not self._loaded(p, self._block_need(p)) and (
+                        self._shrunk is not None or self._read_error is not None):
                     self._finish(STOP_TRUNCATED, self.packets_read + n)
                 else:
                     self._fail(f"{self.path}: {cause} (packet {self.packets_read + n + 1})")
@@ -629,6 +634,9 @@ class CaptureFile:
         """Record why the walk ended at ``self.bytes_read``."""
         self._done = True
         p = self.bytes_read
+        if self._read_error is not None and stop != STOP_BAD_LENGTH and stop != STOP_BAD_INTERFACE:
+            self._fail(self._read_error)
+            return
         if self._shrunk is not None and stop != STOP_BAD_LENGTH and stop != STOP_BAD_INTERFACE:
             self._fail(f"{self.path}: file shrank to {self._shrunk} octets while being read; "
                        f"stopped at frame {packets_before + 1} (offset {p})")
