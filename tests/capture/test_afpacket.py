@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import ipaddress
+import json
 import mmap
 import os
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -485,3 +487,16 @@ def test_ring_walk_ends_a_block_at_a_frame_running_past_it():
     walked, records = kernel_walk(ring, 0, 2, 2, 4096)
     assert (walked, records) == twin_walk(bytes(ring), 0, 2, 2, 4096)
     assert walked == 2 and records[1][0] >= 4096  # one frame of block 0, then block 1 whole
+
+
+def test_check_refuses_a_capture_filter_that_would_be_tcpdump_options(tmp_path):
+    """``-F FILE`` would have tcpdump compile the filter in FILE: the profile check says it is no filter."""
+    (tmp_path / "filter").write_text("udp")
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps({"FlowMetadata": {"CaptureFilter": f"-F{tmp_path / 'filter'}"}}))
+    run = subprocess.run([sys.executable, "-m", "flowmeter.cli", "check", str(profile)], capture_output=True,
+                         text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [
+        f"flowmeter: {profile}: CaptureFilter: bad filter '-F{tmp_path / 'filter'}': "
+        "tcpdump: can't parse filter expression: syntax error"]
