@@ -1,7 +1,8 @@
 """The fuzzing campaign, short: every target fuzzed for a few seconds, every crash input kept.
 
-``tests/fuzz/crashes/TARGET/`` holds each input that once crashed a target
-(found by ``python -m tests.fuzz.run``); each must now pass through both the
+``tests/fuzz/crashes/TARGET/`` holds each input that once crashed a target or
+made the pure-Python and the compiled kernels disagree (found by ``python -m
+tests.fuzz.run``); each must now pass through both the
 pure-Python and the compiled kernels with the same result. The short runs
 (5 s of fuzzing per target, about a minute in all) fail on any crash; the long campaign is
 in README "Fuzzing".
