@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import ipaddress
+import json
 import mmap
 import os
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -27,7 +29,7 @@ import numpy as np
 import pytest
 
 from flowmeter.capture.decode import LINKTYPE_ETHERNET, LINKTYPE_RAW, decode_batch
-from flowmeter.capture.sources import Columns
+from flowmeter.capture.sources import Columns, afpacket
 from flowmeter.capture.sources.afpacket import (BIG_ENDIAN_HOST, BPF_RET_K, AfPacketSource, SourceError, compile_filter,
                                                 walk_ring_blocks, warm_up)
 from flowmeter.ipc.packets import DIR_EGRESS, DIR_INGRESS, PACKET_DTYPE, ST_OK
@@ -334,10 +336,37 @@ def test_bad_filter_and_missing_tcpdump_are_one_line_errors(pair, monkeypatch, t
         AfPacketSource("va", bpf_filter="udp and and", **SMALL_RING)
     message = str(bad.value)
     assert "\n" not in message and "afpacket:va" in message and "'udp and and'" in message
-    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(afpacket, "TCPDUMP_DIRS", (str(tmp_path),))
     with entered(a), pytest.raises(SourceError) as missing:
         AfPacketSource("va", bpf_filter="udp", **SMALL_RING)
-    assert "\n" not in str(missing.value) and "tcpdump" in str(missing.value)
+    assert "\n" not in str(missing.value) and "tcpdump is not installed" in str(missing.value)
+    assert str(tmp_path) in str(missing.value)
+
+
+def test_tcpdump_is_the_systems_not_the_one_path_names(monkeypatch, tmp_path):
+    marker = tmp_path / "ran"
+    fake = tmp_path / "tcpdump"
+    fake.write_text(f"#!/bin/sh\ntouch {marker}\necho 1\necho 6 0 0 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ.get('PATH', '')}")
+    assert afpacket.tcpdump_path() in [f"{d}/tcpdump" for d in afpacket.TCPDUMP_DIRS]
+    program = compile_filter("udp", LINKTYPE_RAW, 100)
+    assert not marker.exists() and len(program) > 1  # the real tcpdump compiled it
+    monkeypatch.setattr(afpacket, "TCPDUMP_DIRS", ("/nonexistent", str(tmp_path)))
+    assert afpacket.tcpdump_path() == str(fake)  # looked up in those directories, in order
+
+
+@pytest.mark.parametrize("expression", ["-F{filter_file}", "-F {filter_file}", "-w {tmp}/written", "--help", "-d"])
+def test_a_filter_starting_with_a_dash_is_an_expression_never_options(tmp_path, expression):
+    """Without ``--`` tcpdump would read ``-F FILE`` as "take the filter from FILE" and compile it."""
+    filter_file = tmp_path / "filter"
+    filter_file.write_text("udp")
+    expression = expression.format(filter_file=filter_file, tmp=tmp_path)
+    with pytest.raises(SourceError) as bad:
+        compile_filter(expression, LINKTYPE_RAW, 100, "eth0")
+    message = str(bad.value)
+    assert "\n" not in message and message.startswith(f"afpacket:eth0: bad filter {expression!r}: ")
+    assert not (tmp_path / "written").exists()
 
 
 def test_unknown_interface_and_no_permission_are_one_line_errors(pair):
@@ -458,3 +487,16 @@ def test_ring_walk_ends_a_block_at_a_frame_running_past_it():
     walked, records = kernel_walk(ring, 0, 2, 2, 4096)
     assert (walked, records) == twin_walk(bytes(ring), 0, 2, 2, 4096)
     assert walked == 2 and records[1][0] >= 4096  # one frame of block 0, then block 1 whole
+
+
+def test_check_refuses_a_capture_filter_that_would_be_tcpdump_options(tmp_path):
+    """``-F FILE`` would have tcpdump compile the filter in FILE: the profile check says it is no filter."""
+    (tmp_path / "filter").write_text("udp")
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps({"FlowMetadata": {"CaptureFilter": f"-F{tmp_path / 'filter'}"}}))
+    run = subprocess.run([sys.executable, "-m", "flowmeter.cli", "check", str(profile)], capture_output=True,
+                         text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [
+        f"flowmeter: {profile}: CaptureFilter: bad filter '-F{tmp_path / 'filter'}': "
+        "tcpdump: can't parse filter expression: syntax error"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -662,3 +663,159 @@ def test_numba_cache_lands_in_a_writable_per_user_directory(tmp_path, preset):
     want = tmp_path / preset if preset else tmp_path / "xdg" / "flowmeter" / "numba"
     assert run.stdout.strip() == str(want)
     assert preset or want.is_dir()
+
+
+# --- reading in blocks; a file cut short while it is read -------------------------------
+
+
+def udp_frames(n: int, payload: int = 100) -> list[tuple[int, bytes]]:
+    return [(T0 + i * 1000, ethernet_ipv4_udp("10.0.0.1", "10.0.0.2", i & 0xFFFF, 53, bytes([i & 0xFF]) * payload))
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("block_octets", [64, 100, 1000, 4096])
+def test_small_read_blocks_yield_what_the_whole_file_yields(tmp_path, block_octets):
+    sources = [p for p in CAPTURES if p.stat().st_size < 2 << 20][:12]
+    path = tmp_path / "frames.pcap"
+    write_pcap(path, udp_frames(300, 200))
+    for name in [path, *sources]:
+        data = Path(name).read_bytes()
+        try:
+            CaptureFile.from_bytes(data, str(name))
+        except CaptureError as exc:
+            with pytest.raises(CaptureError, match=re.escape(str(exc))):
+                open_capture(name, block_octets=block_octets)
+            continue
+        for max_packets in (3, 65536):
+            whole = CaptureFile.from_bytes(data, str(name))
+            want = [(b.frame(i), int(b.ts_ns[i]), int(b.ifindex[i]))
+                    for b in whole.batches(max_packets) for i in range(len(b))]
+            capture = open_capture(name, block_octets=block_octets)
+            batches = list(capture.batches(max_packets))  # not reused: each keeps its own buffer
+            got = [(b.frame(i), int(b.ts_ns[i]), int(b.ifindex[i])) for b in batches for i in range(len(b))]
+            assert got == want, name
+            assert (capture.error, capture.complete, capture.bytes_read) == (whole.error, whole.complete,
+                                                                             whole.bytes_read)
+
+
+def test_a_file_cut_while_it_is_read_ends_with_one_line_after_what_was_read(tmp_path):
+    path = tmp_path / "cut.pcap"
+    frames = udp_frames(1000)
+    write_pcap(path, frames)
+    record = 16 + len(frames[0][1])
+    capture = open_capture(path, block_octets=50 * record)
+    batches = capture.batches(20, reuse=True)
+    first = next(batches)
+    assert [first.frame(i) for i in range(20)] == [f for _, f in frames[:20]]
+    os.truncate(path, 24 + 130 * record + 7)  # another process cuts the file: 130 records and a bit stay
+    got = 20 + sum(len(b) for b in batches)
+    # the first block of 50 records was read before the cut, the rest of the file after it
+    assert got == capture.packets_read == 130 and not capture.complete
+    assert capture.error == (f"{path}: file shrank to {24 + 130 * record + 7} octets while being read; "
+                             f"stopped at frame 131 (offset {24 + 130 * record})")
+
+
+def test_a_file_cut_inside_the_first_block_is_read_as_it_was(tmp_path):
+    """What a block read holds stays: the cut shows at the next read (here at the end)."""
+    path = tmp_path / "cut.pcap"
+    write_pcap(path, udp_frames(100))
+    size = path.stat().st_size
+    capture = open_capture(path)
+    os.truncate(path, 1000)
+    assert sum(len(b) for b in capture.batches()) == 100 and capture.complete and capture.bytes_read == size
+
+
+def _open_by(pids: list[int], path: str) -> bool:
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+def test_replay_of_a_capture_cut_by_another_process_exits_1_with_one_line(tmp_path):
+    """A memory-mapped file cut short kills its reader with SIGBUS; read in blocks, the cut is one line."""
+    import json
+    import threading
+    import time
+
+    import psutil
+
+    from tests.support.pcapwrite import write_pcap_template
+    path = tmp_path / "big.pcap"
+    n = 600_000
+    template = ethernet_ipv4_udp("10.0.0.1", "10.0.0.2", 1000, 53, b"q" * 60)
+    write_pcap_template(path, template, T0 + np.arange(n, dtype=np.uint64) * 1000,
+                        {34: (">u2", np.arange(n) % 50_000)})
+    size = path.stat().st_size
+    cut_to = size // 7 + 3
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"FlowMetadata": {"IpFixCollectors": [f"File/{tmp_path / 'out.ipfix'}"],
+                                                    "StatisticsIntervalSeconds": 0, "Workers": 1}}))
+    proc = subprocess.Popen([sys.executable, "-m", "flowmeter.cli", "replay", str(path), "--profile", str(profile)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    cut = threading.Event()
+
+    def cut_when_open() -> None:  # the other process: cut the file as soon as a capture has it open
+        me = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                pids = [proc.pid] + [c.pid for c in me.children(recursive=True)]
+            except psutil.Error:
+                return
+            if _open_by(pids, str(path)):
+                os.truncate(path, cut_to)
+                cut.set()
+                return
+            time.sleep(0.001)
+
+    cutter = threading.Thread(target=cut_when_open)
+    cutter.start()
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        cutter.join()
+    assert cut.is_set(), err
+    assert proc.returncode == 1, (proc.returncode, err)  # not -7 (SIGBUS), nor any other death
+    lines = [line for line in err.splitlines() if "shrank" in line]
+    assert len(lines) == 1, err
+    m = re.fullmatch(rf"flowmeter: {re.escape(str(path))}: file shrank to {cut_to} octets while being read; "
+                     r"stopped at frame (\d+) \(offset (\d+)\)", lines[0])
+    assert m, lines[0]
+    record = 16 + len(template)
+    frame, offset = int(m[1]), int(m[2])
+    assert offset == 24 + (frame - 1) * record and offset <= size
+    assert "Traceback" not in err and "SIGBUS" not in err
+    assert f"{frame - 1:,} frames" in err  # every frame before it was metered
+
+
+def test_a_read_error_past_the_header_ends_with_one_line_after_what_was_read(tmp_path, monkeypatch):
+    import errno
+
+    from flowmeter.capture.sources import pcapfile
+    path = tmp_path / "eio.pcap"
+    frames = udp_frames(1000)
+    write_pcap(path, frames)
+    record = 16 + len(frames[0][1])
+    capture = open_capture(path, block_octets=50 * record)
+
+    def failing_read(*args):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(pcapfile.os, "preadv", failing_read)
+    assert sum(len(b) for b in capture.batches()) == 49 and not capture.complete  # the first block's
+    # the read that failed is the next block's, from where the first ended (inside record 50)
+    assert capture.error == f"{path}: cannot read at offset {50 * record}: Input/output error"
+    assert capture.bytes_read == 24 + 49 * record

@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import select
-import shutil
 import socket
 import struct
 import subprocess
@@ -155,13 +155,33 @@ def warm_up() -> None:
 # --- filter ----------------------------------------------------------------------------
 
 
+# Where tcpdump is looked for, in order: the system's directories, never PATH (a profile's filter is
+# compiled by the process that starts as root; a PATH entry writable by someone else must not choose
+# the program it runs).
+TCPDUMP_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+def tcpdump_path() -> str | None:
+    """The tcpdump of the first of TCPDUMP_DIRS that has one, or None."""
+    for directory in TCPDUMP_DIRS:
+        path = os.path.join(directory, "tcpdump")
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
 def compile_filter(expression: str, linktype: int, snaplen: int, iface: str = "") -> list[tuple[int, int, int, int]]:
-    """``expression`` as classic BPF (code, jt, jf, k) compiled by tcpdump, accepting ``snaplen`` octets."""
+    """``expression`` as classic BPF (code, jt, jf, k) compiled by tcpdump, accepting ``snaplen`` octets.
+
+    The expression follows ``--``: one that starts with ``-`` is a filter expression (which tcpdump
+    refuses), never options of tcpdump (``-F FILE`` would read the filter from a file).
+    """
     where = f"afpacket:{iface}: " if iface else ""
-    tcpdump = shutil.which("tcpdump")
+    tcpdump = tcpdump_path()
     if tcpdump is None:
-        raise SourceError(f"{where}filter {expression!r} needs tcpdump to compile it, and tcpdump is not installed")
-    r = subprocess.run([tcpdump, "-y", TCPDUMP_LINKTYPES[linktype], "-ddd", expression],
+        raise SourceError(f"{where}filter {expression!r} needs tcpdump to compile it, and tcpdump is not installed "
+                          f"(looked in {', '.join(TCPDUMP_DIRS)})")
+    r = subprocess.run([tcpdump, "-y", TCPDUMP_LINKTYPES[linktype], "-ddd", "--", expression],
                        capture_output=True, text=True, timeout=30)
     if r.returncode:
         cause = " ".join(r.stderr.split()) or f"exit {r.returncode}"

@@ -1,12 +1,15 @@
 """Capture files: pcap and pcapng records as columnar batches.
 
-``open_capture(path)`` memory-maps a capture file, recognises its format by
-the magic number and returns a ``CaptureFile``; ``CaptureFile.batches()``
+``open_capture(path)`` opens a capture file, recognises its format by the
+magic number and returns a ``CaptureFile``; ``CaptureFile.batches()``
 yields ``RecordBatch`` objects: one numpy array per record attribute (where
-the frame starts in the mapped file, captured and original length, time in
+the frame starts in the read buffer, captured and original length, time in
 ns, link type, interface, direction), never one Python object per packet.
-The frames themselves are not copied: ``batch.buf`` is the whole file as a
-uint8 array and ``flowmeter.capture.decode`` reads the headers in place.
+The file is read in blocks of 8 MiB into one buffer (``batch.buf``) and
+``flowmeter.capture.decode`` reads the headers there in place; a record cut
+by a block's end is read again with the next block. The file is not
+memory-mapped: a mapped file cut short while it is read kills its reader
+with SIGBUS (see ``CaptureFile``).
 
 Walking the records is sequential (each record's length says where the next
 one starts), so numpy cannot vectorise it; it is a numba kernel
@@ -45,15 +48,16 @@ Damaged files: opening fails with ``CaptureError`` when the file header is
 unusable (empty file, unknown magic, unsupported version). Past the header,
 nothing raises: the walk stops at the first record whose header is cut off,
 whose data run past the end of the file, whose length is absurd (caplen >
-262144, as Wireshark's limit) or whose block lengths disagree; everything
+262144, as Wireshark's limit; a pcapng block over 16 MiB) or whose block lengths disagree; everything
 before it is yielded, then ``CaptureFile.error`` holds one line naming the
 file, the offset, the packet number and the cause, and ``complete`` stays
 False. A capture still being written, or copied while it was, is metered up
-to its last whole record.
+to its last whole record; one cut short while it is read (another process
+truncated it) ends with "file shrank to N octets while being read; stopped
+at frame K" after the records read before the cut.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -61,12 +65,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowmeter.capture.sources import Columns, RecordBatch
+from flowmeter.capture.sources import Columns, RecordBatch, read_only
 from flowmeter.ipc.packets import DIR_EGRESS, DIR_INGRESS, DIR_UNKNOWN
 from flowmeter.jit import njit
 
 MAX_CAPLEN = 262144  # Wireshark's maximum snapshot length; a bigger caplen is garbage
+MAX_BLOCK = 16 << 20  # octets of one pcapng block at most (Wireshark refuses far smaller ones)
 DEFAULT_BATCH = 65536
+READ_BLOCK = 8 << 20  # octets read from a capture file at a time
 
 PCAP_HEADER_LEN = 16 + 8
 PCAP_RECORD_LEN = 16
@@ -90,8 +96,6 @@ _PCAP_MAGICS = {  # first four octets -> (byte order, ns resolution)
 }
 _PCAPNG_MAGIC = bytes.fromhex("0a0d0d0a")
 
-
-RELEASE_STEP = 16 << 20  # unmap pages already read in steps of this many octets
 
 
 class CaptureError(ValueError):
@@ -243,7 +247,7 @@ def walk_pcapng_blocks(buf, start, end, big, max_caplen, n0, max_n, last_ts,
         if btype == PCAPNG_SHB:  # its lengths may be in another byte order: all Python's
             return n - n0, p, STOP_BLOCK, last_ts
         blen = load_u32(buf, p + 4, big)
-        if blen < 12 or blen % 4 != 0:
+        if blen < 12 or blen % 4 != 0 or blen > MAX_BLOCK:
             return n - n0, p, STOP_BAD_LENGTH, last_ts
         if blen > end - p:
             return n - n0, p, STOP_TRUNCATED, last_ts
@@ -326,10 +330,11 @@ def _tsresol(value: int) -> tuple[int, int] | None:
 class CaptureFile:
     """An open capture file; iterate ``batches()`` to read its records.
 
-    Attributes: ``path``, ``format`` ("pcap" or "pcapng"), ``size`` (octets),
-    ``buf`` (the mapped file), ``packets_read``, ``bytes_read`` (file offset
-    reached), ``error`` (one line, or None) and ``complete`` (True once the
-    walk reached the end of the file without error).
+    Attributes: ``path``, ``format`` ("pcap" or "pcapng"), ``size`` (octets
+    when it was opened), ``buf`` (the octets read and not yet walked past,
+    from file offset ``base``), ``packets_read``, ``bytes_read`` (file
+    offset reached), ``error`` (one line, or None) and ``complete`` (True
+    once the walk reached the end of the file without error).
 
     Interfaces (``RecordBatch.ifindex``, exported as ingressInterface or
     egressInterface by the record's direction): a classic pcap file has one,
@@ -339,56 +344,127 @@ class CaptureFile:
     number always means one interface block of the file (sections of
     concatenated captures do not share numbers); it is Wireshark's
     ``frame.interface_id`` + 1.
+
+    Reading: the file is read with ``readinto`` in blocks of ``block_octets``
+    into a buffer the kernels walk (a record or block longer than that
+    grows the buffer; MAX_BLOCK bounds it), never memory-mapped: a mapped
+    file cut short by another process while it is read kills the reader
+    with SIGBUS at the first page past the new end, which no Python handler
+    can resume. A read that comes back short is that cut: what was read is
+    metered, then ``error`` says "file shrank to N octets while being read".
+    The copy from the page cache costs about what the page faults of a
+    mapping did (README "Benchmarks"), and the resident size stays one
+    buffer whatever the file's size.
     """
 
-    def __init__(self, path: str | os.PathLike, data: bytes | None = None):
-        """Map the file at ``path`` (or use ``data``, then ``path`` only names it)."""
+    def __init__(self, path: str | os.PathLike, data: bytes | None = None, *, block_octets: int = READ_BLOCK):
+        """Open the file at ``path`` (or use ``data``, then ``path`` only names it)."""
         self.path = os.fspath(path)
         self.error: str | None = None
         self.complete = False
         self.packets_read = 0
         self.bytes_read = 0
+        self.base = 0  # file offset of buf[0]
         self._done = False
-        self._released = 0  # file pages before this offset are unmapped
-        self._mmap: mmap.mmap | None = None
+        self._file = None
+        self._block = max(64, int(block_octets))
+        self._lent = False  # batches given out may still use buf: the next read goes to a new one
+        self._shrunk: int | None = None  # the file's size when a read came back short
+        self._read_error: str | None = None  # a read that failed (the walk ends there)
         if data is None:
             try:
-                with open(self.path, "rb") as f:
-                    self.size = os.fstat(f.fileno()).st_size
-                    if self.size == 0:
-                        raise CaptureError(f"{self.path}: empty file")
-                    self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._file = open(self.path, "rb", buffering=0)
+                self.size = os.fstat(self._file.fileno()).st_size
             except OSError as e:
+                self.close()
                 raise CaptureError(f"{self.path}: cannot read: {e.strerror or e}") from e
-            self._data: bytes | mmap.mmap = self._mmap
+            if self.size == 0:
+                self.close()
+                raise CaptureError(f"{self.path}: empty file")
+            self.buf = np.empty(0, np.uint8)
+            self._have = 0  # octets of buf read from the file
+            try:
+                self._load(0, PCAP_HEADER_LEN)
+            except CaptureError:
+                self.close()
+                raise
         else:
-            self._data = bytes(data)
-            self.size = len(self._data)
+            self.buf = np.frombuffer(bytes(data), dtype=np.uint8)  # read-only, like a file's batches
+            self.size = self._have = len(self.buf)
             if self.size == 0:
                 raise CaptureError(f"{self.path}: empty file")
-        self.buf = np.frombuffer(self._data, dtype=np.uint8)  # read-only, like the mapping
         head = self.buf[:4].tobytes()
-        if head in _PCAP_MAGICS:
-            self.format = "pcap"
-            self._open_pcap(*_PCAP_MAGICS[head])
-        elif head == _PCAPNG_MAGIC:
-            self.format = "pcapng"
-            self._open_pcapng()
-        else:
-            raise CaptureError(f"{self.path}: not a pcap or pcapng file (magic {head.hex()})")
+        try:
+            if head in _PCAP_MAGICS:
+                self.format = "pcap"
+                self._open_pcap(*_PCAP_MAGICS[head])
+            elif head == _PCAPNG_MAGIC:
+                self.format = "pcapng"
+                self._open_pcapng()
+            else:
+                raise CaptureError(f"{self.path}: not a pcap or pcapng file (magic {head.hex()})")
+        except CaptureError:
+            self.close()
+            raise
 
     @classmethod
     def from_bytes(cls, data: bytes, name: str = "<memory>") -> CaptureFile:
         """A capture held in memory (tests, fuzzing, warm-up); ``name`` appears in messages."""
         return cls(name, data)
 
+    # -- the buffer --
+
+    def _loaded(self, p: int, n: int) -> bool:
+        """Whether file octets ``[p, p + n)`` are in the buffer."""
+        return self.base <= p and p + n <= self.base + self._have
+
+    def _more(self) -> bool:
+        """Whether the file holds octets past the buffer's (as far as it is known)."""
+        return self._shrunk is None and self._read_error is None and self.base + self._have < self.size
+
+    def _load(self, p: int, n: int) -> None:
+        """Read the file from offset ``p`` into the buffer: at least ``n`` octets (fewer at the end of
+        the file), as many as a block holds. What the buffer holds from ``p`` on is kept, not read
+        again. A read that comes back short sets ``_shrunk``: the file was cut."""
+        if self._file is None or not self._more():
+            return
+        want = min(max(n, self._block), self.size - p)
+        keep = max(0, self.base + self._have - p) if p >= self.base else 0
+        if self._lent or len(self.buf) < want or not self.buf.flags.writeable:
+            fresh = np.empty(want, np.uint8)
+            fresh[:keep] = self.buf[p - self.base:p - self.base + keep]
+            self.buf = fresh
+            self._lent = False
+        elif keep:
+            self.buf[:keep] = self.buf[p - self.base:p - self.base + keep].copy()
+        self.base, self._have = p, keep
+        view = memoryview(self.buf)
+        while self._have < want:
+            try:
+                got = os.preadv(self._file.fileno(), [view[self._have:want]], p + self._have)
+            except OSError as e:  # EIO, a file on a network share gone: what was read is metered
+                self._read_error = f"{self.path}: cannot read at offset {p + self._have}: {e.strerror or e}"
+                if p == 0:
+                    raise CaptureError(self._read_error) from e
+                break
+            if not got:
+                self._shrunk = os.fstat(self._file.fileno()).st_size
+                break
+            self._have += got
+
+    def _unpack(self, fmt: str, p: int) -> tuple:
+        """``struct.unpack_from`` at file offset ``p`` (in the buffer: the caller made sure)."""
+        return struct.unpack_from(fmt, self.buf, p - self.base)
+
+    def _octets(self, p: int, n: int) -> bytes:
+        return self.buf[p - self.base:p - self.base + n].tobytes()
+
     # -- pcap --
 
     def _open_pcap(self, byte_order: str, nanosecond: bool) -> None:
-        if self.size < PCAP_HEADER_LEN:
-            raise CaptureError(f"{self.path}: pcap file header cut off: {self.size} octets, needs 24")
-        major, minor, _zone, _sigfigs, snaplen, network = struct.unpack_from(
-            byte_order + "HHiIII", self._data, 4)
+        if self._have < PCAP_HEADER_LEN:
+            raise CaptureError(f"{self.path}: pcap file header cut off: {self._have} octets, needs 24")
+        major, minor, _zone, _sigfigs, snaplen, network = self._unpack(byte_order + "HHiIII", 4)
         if not ((major == 2 and minor <= 4) or (major, minor) == (543, 0)):
             raise CaptureError(f"{self.path}: unsupported pcap version {major}.{minor} "
                                "(libpcap reads 2.0 to 2.4)")
@@ -400,16 +476,29 @@ class CaptureFile:
         self.linktype = network & 0xFFFF  # upper bits: FCS length flags (pcap-linktype(7))
         self.bytes_read = PCAP_HEADER_LEN
 
+    def _pcap_need(self, p: int) -> int:
+        """Octets the record at ``p`` takes, as far as the buffer tells."""
+        if not self._loaded(p, PCAP_RECORD_LEN):
+            return PCAP_RECORD_LEN
+        return PCAP_RECORD_LEN + self._unpack(self._order + "I", p + 8)[0]
+
     def _fill_pcap(self, cols: Columns, capacity: int) -> int:
-        n, self.bytes_read, stop = walk_pcap_records(
-            self.buf, self.bytes_read, self.size, self._big, self._frac_ns, MAX_CAPLEN, 0, capacity,
-            cols.offset, cols.caplen, cols.origlen, cols.ts_ns)
-        cols.linktype[:n] = self.linktype
-        cols.ifindex[:n] = 1  # the file's one interface
-        cols.direction[:n] = DIR_UNKNOWN
-        if stop != STOP_FULL:
-            self._finish(stop, self.packets_read + n)
-        return n
+        while True:
+            n, at, stop = walk_pcap_records(  # read-only, as the warm-up compiled it (decode.warm_up)
+                read_only(self.buf), self.bytes_read - self.base, self._have, self._big, self._frac_ns, MAX_CAPLEN, 0,
+                capacity, cols.offset, cols.caplen, cols.origlen, cols.ts_ns)
+            self.bytes_read = self.base + int(at)
+            cols.linktype[:n] = self.linktype
+            cols.ifindex[:n] = 1  # the file's one interface
+            cols.direction[:n] = DIR_UNKNOWN
+            if stop in (STOP_END, STOP_TRUNCATED) and self._more():  # the file goes on past the buffer
+                if n:
+                    return n  # the batch uses the buffer: it goes out before the next read
+                self._load(self.bytes_read, self._pcap_need(self.bytes_read))
+                continue
+            if stop != STOP_FULL:
+                self._finish(stop, self.packets_read + n)
+            return n
 
     # -- pcapng --
 
@@ -424,27 +513,45 @@ class CaptureFile:
             raise CaptureError(f"{self.path}: {cause}")
         self._tables = self._interface_tables()
 
+    def _block_need(self, p: int) -> int:
+        """Octets the pcapng block at ``p`` takes, as far as the buffer tells (an SHB's length
+        is in the byte order its own byte-order magic says)."""
+        if not self._loaded(p, 12):
+            return 12
+        order = self._order
+        if self._octets(p, 4) == _PCAPNG_MAGIC:
+            order = {bytes.fromhex("4d3c2b1a"): "<", bytes.fromhex("1a2b3c4d"): ">"}.get(self._octets(p + 8, 4))
+            if order is None:
+                return MIN_SHB_LEN
+        return max(12, min(self._unpack(order + "I", p + 4)[0], MAX_BLOCK))
+
     def _read_shb(self, p: int) -> str | None:
         """Parse the Section Header Block at ``p``; return an error cause or None."""
-        if self.size - p < MIN_SHB_LEN:
-            return f"pcapng section header at offset {p} cut off: {self.size - p} octets, needs {MIN_SHB_LEN}"
-        bom = self.buf[p + 8:p + 12].tobytes()
+        if not self._loaded(p, MIN_SHB_LEN):
+            self._load(p, MIN_SHB_LEN)
+        left = self.size - p if self._shrunk is None else self.base + self._have - p
+        if left < MIN_SHB_LEN:
+            return f"pcapng section header at offset {p} cut off: {left} octets, needs {MIN_SHB_LEN}"
+        bom = self._octets(p + 8, 4)
         if bom == bytes.fromhex("4d3c2b1a"):
             order = "<"
         elif bom == bytes.fromhex("1a2b3c4d"):
             order = ">"
         else:
             return f"pcapng section header at offset {p}: bad byte-order magic {bom.hex()}"
-        length = struct.unpack_from(order + "I", self._data, p + 4)[0]
-        major, minor = struct.unpack_from(order + "HH", self._data, p + 12)
+        length = self._unpack(order + "I", p + 4)[0]
+        major, minor = self._unpack(order + "HH", p + 12)
         if major != 1:
             return f"pcapng section header at offset {p}: unsupported version {major}.{minor}"
-        if length < MIN_SHB_LEN or length % 4:
+        if length < MIN_SHB_LEN or length % 4 or length > MAX_BLOCK:
             return f"pcapng section header at offset {p}: bad block length {length}"
-        if length > self.size - p:
-            return (f"pcapng section header at offset {p} cut off: {self.size - p} octets left, "
+        if not self._loaded(p, length) and length <= left:
+            self._load(p, length)
+            left = min(left, self.base + self._have - p)
+        if length > left:
+            return (f"pcapng section header at offset {p} cut off: {left} octets left, "
                     f"block needs {length}")
-        if struct.unpack_from(order + "I", self._data, p + length - 4)[0] != length:
+        if self._unpack(order + "I", p + length - 4)[0] != length:
             return f"pcapng section header at offset {p}: trailing block length differs from {length}"
         self._order = order
         self._big = order == ">"
@@ -454,25 +561,27 @@ class CaptureFile:
         return None
 
     def _read_idb(self, p: int) -> str | None:
-        """Parse the Interface Description Block at ``p``; return an error cause or None."""
+        """Parse the Interface Description Block at ``p`` (in the buffer: the kernel checked its
+        lengths there); return an error cause or None."""
         o = self._order
-        length = struct.unpack_from(o + "I", self._data, p + 4)[0]  # checked by the kernel
+        length = self._unpack(o + "I", p + 4)[0]
         if length < 20:
             return f"bad interface description block at offset {p}: block length {length}"
-        linktype, _reserved, snaplen = struct.unpack_from(o + "HHI", self._data, p + 8)
+        linktype, _reserved, snaplen = self._unpack(o + "HHI", p + 8)
         iface = _Interface(linktype, snaplen)
         q, end = p + 16, p + length - 4
         while end - q >= 4:
-            code, olen = struct.unpack_from(o + "HH", self._data, q)
+            code, olen = self._unpack(o + "HH", q)
             if code == 0 or olen > end - q - 4:
                 break
             if code == 9 and olen >= 1:  # if_tsresol
-                resolution = _tsresol(int(self.buf[q + 4]))
+                value = int(self.buf[q + 4 - self.base])
+                resolution = _tsresol(value)
                 if resolution is None:
-                    return f"interface {len(self._interfaces)} (offset {p}): unusable if_tsresol {self.buf[q + 4]:#x}"
+                    return f"interface {len(self._interfaces)} (offset {p}): unusable if_tsresol {value:#x}"
                 iface.units, iface.binary_exponent = resolution
             elif code == 14 and olen == 8:  # if_tsoffset, seconds
-                iface.offset_ns = struct.unpack_from(o + "q", self._data, q + 4)[0] * NS_PER_S
+                iface.offset_ns = self._unpack(o + "q", q + 4)[0] * NS_PER_S
             q += 4 + ((olen + 3) & ~3)
         self._interfaces.append(iface)
         if self.linktype is None:
@@ -489,18 +598,30 @@ class CaptureFile:
     def _fill_pcapng(self, cols: Columns, capacity: int) -> int:
         n = 0
         while True:
-            k, self.bytes_read, stop, self._last_ts = walk_pcapng_blocks(
-                self.buf, self.bytes_read, self.size, self._big, MAX_CAPLEN, n, capacity, np.uint64(self._last_ts),
-                *self._tables, cols.offset, cols.caplen, cols.origlen, cols.ts_ns, cols.linktype,
-                cols.ifindex, cols.direction)
+            k, at, stop, self._last_ts = walk_pcapng_blocks(
+                read_only(self.buf), self.bytes_read - self.base, self._have, self._big, MAX_CAPLEN, n, capacity,
+                np.uint64(self._last_ts), *self._tables, cols.offset, cols.caplen, cols.origlen, cols.ts_ns,
+                cols.linktype, cols.ifindex, cols.direction)
+            self.bytes_read = self.base + int(at)
             n += k
+            p = self.bytes_read
+            if stop in (STOP_END, STOP_TRUNCATED) and self._more():  # the file goes on past the buffer
+                if n:
+                    return n  # the batch uses the buffer: it goes out before the next read
+                self._load(p, self._block_need(p))
+                continue
             if stop != STOP_BLOCK:
                 break
-            p = self.bytes_read
-            is_shb = self.buf[p:p + 4].tobytes() == _PCAPNG_MAGIC
+            is_shb = self._octets(p, 4) == _PCAPNG_MAGIC
+            if is_shb and n and not self._loaded(p, self._block_need(p)) and self._more():
+                return n  # reading the section header would reuse the buffer the batch uses
             cause = self._read_shb(p) if is_shb else self._read_idb(p)
             if cause:
-                self._fail(f"{self.path}: {cause} (packet {self.packets_read + n + 1})")
+                if not self._more() and not self._loaded(p, self._block_need(p)) and (
+                        self._shrunk is not None or self._read_error is not None):
+                    self._finish(STOP_TRUNCATED, self.packets_read + n)
+                else:
+                    self._fail(f"{self.path}: {cause} (packet {self.packets_read + n + 1})")
                 return n
             self._tables = self._interface_tables()
         if stop != STOP_FULL:
@@ -512,10 +633,18 @@ class CaptureFile:
     def _finish(self, stop: int, packets_before: int) -> None:
         """Record why the walk ended at ``self.bytes_read``."""
         self._done = True
+        p = self.bytes_read
+        if self._read_error is not None and stop != STOP_BAD_LENGTH and stop != STOP_BAD_INTERFACE:
+            self._fail(self._read_error)
+            return
+        if self._shrunk is not None and stop != STOP_BAD_LENGTH and stop != STOP_BAD_INTERFACE:
+            self._fail(f"{self.path}: file shrank to {self._shrunk} octets while being read; "
+                       f"stopped at frame {packets_before + 1} (offset {p})")
+            return
         if stop == STOP_END:
             self.complete = True
             return
-        p, left = self.bytes_read, self.size - self.bytes_read
+        left = self.size - p
         where = f"at offset {p} (packet {packets_before + 1})"
         unit = "record" if self.format == "pcap" else "block"
         header_len = PCAP_RECORD_LEN if self.format == "pcap" else 12
@@ -523,18 +652,20 @@ class CaptureFile:
         if left < header_len:
             cause = f"truncated {unit} header {where}: {left} octets left, {unit} header needs {header_len}"
         elif self.format == "pcap":
-            incl = struct.unpack_from(o + "I", self._data, p + 8)[0]
+            incl = self._unpack(o + "I", p + 8)[0]
             if stop == STOP_TRUNCATED:
                 cause = f"truncated record {where}: {left} octets left, record needs {PCAP_RECORD_LEN + incl}"
             else:
                 cause = f"bad record {where}: caplen {incl} exceeds {MAX_CAPLEN}"
         else:
-            btype, blen = struct.unpack_from(o + "II", self._data, p)
+            btype, blen = self._unpack(o + "II", p)
             if stop == STOP_TRUNCATED:
                 cause = f"truncated block {where}: {left} octets left, block needs {blen}"
             elif stop == STOP_BAD_INTERFACE:
                 cause = (f"bad block {where}: packet of an undefined interface "
                          f"({len(self._interfaces)} defined in this section)")
+            elif blen > MAX_BLOCK:
+                cause = f"bad block {where}: type {btype:#x}, block length {blen} exceeds {MAX_BLOCK}"
             else:
                 cause = f"bad block {where}: type {btype:#x}, inconsistent lengths (block length {blen})"
         self._fail(f"{self.path}: {cause}")
@@ -549,17 +680,17 @@ class CaptureFile:
 
         Continues where a previous call stopped; ends at the end of the file
         or at the first damaged record (then ``error`` is set). With
-        ``reuse=True`` every batch is a view of the same arrays, valid until
-        the next one is yielded: no allocation, hence no page faults, per
-        batch (about a third of the walk's time with 64k-record batches),
-        for a caller that is done with a batch before it asks for the next.
+        ``reuse=True`` every batch is a view of the same arrays (record
+        columns and read buffer), valid until the next one is yielded: no
+        allocation, hence no page faults, per batch (about a third of the
+        walk's time with 64k-record batches), for a caller that is done with
+        a batch before it asks for the next.
         """
         if max_packets < 1:
             raise ValueError(f"max_packets must be at least 1, not {max_packets}")
         fill = self._fill_pcap if self.format == "pcap" else self._fill_pcapng
         cols: Columns | None = None
         while not self._done:
-            self._release_read()
             # every record takes at least 16 octets: no bigger arrays than the file can fill
             capacity = int(min(max_packets, (self.size - self.bytes_read) // 16 + 1))
             if cols is None or not reuse or len(cols.offset) < capacity:
@@ -568,37 +699,17 @@ class CaptureFile:
             first = self.packets_read
             self.packets_read += n
             if n:
-                yield cols.batch(self.buf, n, first)
-
-    def _release_read(self) -> None:
-        """Unmap the pages of the file already read (MADV_DONTNEED): they stay in the page cache.
-
-        Without this a replay's resident size grows by the whole file (the
-        mapping's pages count as the process's), though every batch is done
-        with its part of it before the next is read; a page touched again
-        (a caller still holding an old batch) is simply mapped again.
-        """
-        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        end = self.bytes_read // mmap.PAGESIZE * mmap.PAGESIZE
-        if end - self._released >= RELEASE_STEP:
-            try:
-                self._mmap.madvise(mmap.MADV_DONTNEED, self._released, end - self._released)
-                self._released = end
-            except (OSError, ValueError):
-                self._released = self.size  # not supported here: stop trying
+                self._lent = not reuse
+                yield cols.batch(read_only(self.buf), n, first)
 
     def close(self) -> None:
-        """Stop reading and release the mapping (batches still in use keep it alive until they go)."""
+        """Stop reading and close the file (batches still in use keep their buffer)."""
         self._done = True
         self.buf = np.empty(0, np.uint8)
-        self._data = b""
-        if self._mmap is not None:
-            try:
-                self._mmap.close()
-            except BufferError:  # arrays still use the mapping; it goes with the last of them
-                pass
-            self._mmap = None
+        self._have = 0
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> CaptureFile:
         return self
@@ -607,6 +718,6 @@ class CaptureFile:
         self.close()
 
 
-def open_capture(path: str | os.PathLike) -> CaptureFile:
+def open_capture(path: str | os.PathLike, block_octets: int = READ_BLOCK) -> CaptureFile:
     """Open a pcap (µs or ns, either byte order) or pcapng file; raise ``CaptureError`` if unusable."""
-    return CaptureFile(path)
+    return CaptureFile(path, block_octets=block_octets)
