@@ -22,7 +22,8 @@ is measured the same way, for reference.
 ``File/`` collector in a temporary directory, wall time from start to exit,
 alternating with ``python3 -c "import numpy"`` (the interpreter with numpy,
 the floor of any numpy program's start); one unmeasured run first, so that
-numba's kernel cache and the bytecode are warm. Medians of ``--runs`` runs.
+numba's kernel cache and the bytecode are warm. Medians of ``--runs`` runs,
+wall and CPU seconds (user + system of every process of the command).
 
 Progress goes to stderr, the tables (markdown) to stdout; ``--json PATH``
 also writes every figure. Exit status 1 when a run failed.
@@ -33,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -226,13 +228,16 @@ def show_rest(results: dict) -> None:
 
 # ---------------------------------------------------------------- start-up
 
-def wall(cmd: list[str], env: dict | None = None) -> float:
+def wall(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the command and every process it waited for)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     took = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])}: exit {proc.returncode}: {proc.stderr[-1000:]}")
-    return took
+    return took, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def section_replay(args, tmp: Path, results: dict) -> None:
@@ -255,11 +260,12 @@ def section_replay(args, tmp: Path, results: dict) -> None:
 def show_replay(results: dict) -> None:
     r = results["replay"]
     print("\n### Start-up: `flowmeter replay` of demo.pcap (600 packets), wall seconds\n")
-    print("| command | median | min | max |")
-    print("|---|---|---|---|")
+    print("| command | wall median | min | max | CPU s median |")
+    print("|---|---|---|---|---|")
     for name, label in (("flowmeter", "flowmeter replay demo.pcap"), ("numpy", 'python3 -c "import numpy"')):
-        v = r[name]
-        print(f"| {label} | {statistics.median(v):.3f} | {min(v):.3f} | {max(v):.3f} |")
+        v = [w for w, _cpu in r[name]]
+        cpu = statistics.median(c for _w, c in r[name])
+        print(f"| {label} | {statistics.median(v):.3f} | {min(v):.3f} | {max(v):.3f} | {cpu:.3f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
