@@ -54,6 +54,7 @@ class ChildInfo:
     heard: float = 0.0  # time.monotonic() of its last report (its heartbeat); 0 before the first
     replaced: bool = False  # it died and a successor of the same name took over (or will)
     hung: bool = False  # killed by the supervisor for reporting nothing for ``HANG_S``
+    final: bool = False  # its last report (``Report.final``) has arrived
 
 
 class PipelineReport:
