@@ -4,7 +4,9 @@ Children are forked from a supervisor that has already paid every start-up
 cost a child would otherwise pay again (DESIGN.md "Data plane"): the heavy
 modules are imported, every numba kernel version a child will call is
 loaded (compiled, the first time on a machine), and glibc keeps freed batch
-buffers for reuse. Root is given up here too, after the capture sockets are
+buffers for reuse. LLVM's own code, which loading the kernels touched and
+nothing calls afterwards, is then unmapped (``release_compiler_pages``), so
+no process holds it at rest. Root is given up here too, after the capture sockets are
 open and before any child exists, so no child ever runs as root; and so is
 every capability (``drop_capabilities``): an open packet or netlink socket
 keeps working without the capability that opened it, so nothing after the
