@@ -82,7 +82,7 @@ def _read_only_file_mappings(name: str) -> list[tuple[int, int]]:
     try:
         with open("/proc/self/smaps") as f:
             for line in f:
-                head = line.split(None, 6)
+                head = line.split(None, 5)  # the path, the last field, may hold spaces
                 if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):  # a mapping's first line
                     current = None
                     path = head[5].strip() if len(head) > 5 else ""
