@@ -259,7 +259,8 @@ class PipelineReport:
         doc = {"pid": os.getpid(), "profile": self.profile, "uptime_s": round(now - self.started, 1),
                "sources": self.sources, "lines": self.source_lines(), "rates": rates,
                "interval_s": round(interval, 2), "processes": usage,
-               "incidents": [i.line() for i in self.incidents], "lost": self.losses(running=True), "in_flight": self.in_flight(),
+               "incidents": [i.line() for i in self.incidents], "lost": self.losses(running=True),
+               "in_flight": self.in_flight(),
                "children": {c.name: {"role": c.role, "pid": c.process.pid, "alive": c.process.exitcode is None,
                                      "counters": to_wire(c.counters) if c.counters is not None else {}}
                             for c in self.children}}
