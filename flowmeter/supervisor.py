@@ -72,7 +72,8 @@ from flowmeter.ipc.schema import EndOfStream, ErrorReport, SchemaError, parse_co
 from flowmeter.notify import Notifier
 from flowmeter.recovery import CRASH_LOOP, CRASH_WINDOW_S, HANG_S, START_GRACE_S, Incident, Restarts
 from flowmeter.status import ChildInfo, PipelineReport, make_runtime_dir, runtime_base
-from flowmeter.warmup import drop_capabilities, drop_privileges, load_kernels, tune_allocator
+from flowmeter.warmup import (drop_capabilities, drop_privileges, load_kernels, release_compiler_pages,
+                              tune_allocator)
 from workers import process as worker_process
 
 WATCH_MS = 100  # the loop wakes at least this often (progress, status file), and at once on a child's exit
@@ -314,6 +315,7 @@ class Supervisor:
         self._start_children(rundir, control_endpoint, opened, rings)
         if self._metrics is not None:
             self._metrics.start()
+        release_compiler_pages()  # LLVM's code, mapped in this process only: not held at rest
         crashed: ChildInfo | None = None
         try:
             crashed = self._watch(control, rundir)

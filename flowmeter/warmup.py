@@ -5,8 +5,8 @@ cost a child would otherwise pay again (DESIGN.md "Data plane"): the heavy
 modules are imported, every numba kernel version a child will call is
 loaded (compiled, the first time on a machine), and glibc keeps freed batch
 buffers for reuse. LLVM's own code, which loading the kernels touched and
-nothing calls afterwards, is then unmapped (``release_compiler_pages``), so
-no process holds it at rest. Root is given up here too, after the capture sockets are
+nothing calls afterwards, is unmapped once the children are started
+(``release_compiler_pages``), so no process holds it at rest. Root is given up here too, after the capture sockets are
 open and before any child exists, so no child ever runs as root; and so is
 every capability (``drop_capabilities``): an open packet or netlink socket
 keeps working without the capability that opened it, so nothing after the
@@ -68,7 +68,6 @@ def load_kernels(source_kinds: frozenset[str] | set[str] = frozenset()) -> None:
         from flowmeter.capture.sources import nflog
 
         nflog.warm_up()
-    release_compiler_pages()
 
 
 COMPILER_LIBRARY = "libllvmlite"  # LLVM, as numba's llvmlite ships it (one shared library)
@@ -110,7 +109,11 @@ def release_compiler_pages() -> int:
     page-table entries only: the pages stay in the page cache, and a later
     compile (a kernel version not loaded here) maps what it needs again.
     Only mappings that hold none of the process's own pages are released
-    (see ``_read_only_file_mappings``), so nothing written is lost.
+    (see ``_read_only_file_mappings``), so nothing written is lost. A fork
+    copies no page-table entry of such a mapping (a child maps what it
+    touches itself), so the supervisor releases them after starting its
+    children, off the start-up's path: reading ``/proc/self/smaps`` and the
+    release take a few milliseconds.
     """
     import ctypes
     import mmap

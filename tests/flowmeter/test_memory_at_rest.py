@@ -48,7 +48,8 @@ flowtable.load_kernels()  # LLVM started, the flow table's kernels loaded; nothi
 before = mapped("libllvmlite")
 released = warmup.release_compiler_pages()
 after = mapped("libllvmlite")
-warmup.load_kernels({"afpacket"})  # the supervisor's warm-up: every kernel, then the release
+warmup.load_kernels({"afpacket"})  # the supervisor's warm-up: every kernel (LLVM mapped again) ...
+warmup.release_compiler_pages()  # ... and the release once the children are started
 after_warm_up = mapped("libllvmlite")
 
 table = flowtable.FlowTable(1000, 10**9, 0)  # loaded kernels still run
@@ -86,3 +87,50 @@ print(json.dumps({"grew_kb": after - before, "table_bytes": table.nbytes}))
 ''')
     assert got["table_bytes"] > 50_000_000
     assert got["grew_kb"] < 4_000, got  # the index and output buffers only, not the rows or their times
+
+
+def _rss_of(pid: int, name: str) -> int:
+    """kB resident in process ``pid``'s read-only mappings of a file named ``name``*."""
+    total, current = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(None, 5)
+            if "-" in head[0] and not head[0].endswith(":"):
+                current = len(head) > 5 and Path(head[5].strip()).name.startswith(name) and "w" not in head[1]
+            elif current and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+def test_an_idle_run_holds_no_llvm_code_in_any_process(tmp_path):
+    """``flowmeter run`` on a feed (a live source that needs no privilege), left idle: the supervisor,
+    which loaded every kernel, and its children hold at most a few MB of LLVM's code each."""
+    import signal
+    import time
+
+    import psutil
+
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"FlowMetadata": {"Sources": [f"feed:ipc://{tmp_path}/feed"], "Workers": 1,
+                                                    "StatisticsIntervalSeconds": 0}}))
+    proc = subprocess.Popen([sys.executable, "-m", "flowmeter.cli", "run", "--profile", str(profile)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**__import__("os").environ, "RUNTIME_DIRECTORY": str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 300  # the first start after a change compiles the kernels
+        while time.monotonic() < deadline and not (tmp_path / "feed").exists():
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+        time.sleep(1.0)  # the supervisor's first turns of its loop: the release is done by then
+        tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children()
+        assert len(tree) == 4, tree
+        held = {p.name(): _rss_of(p.pid, "libllvmlite") for p in tree}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, proc.stderr.read()
+    assert all(kb < 4_000 for kb in held.values()), held  # was about 65 MB in the supervisor
