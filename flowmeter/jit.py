@@ -235,6 +235,7 @@ def source_stamp(py_file: str) -> bytes:
 # --------------------------------------------------------------------------- numba's cache
 
 _KERNELS: weakref.WeakSet = weakref.WeakSet()  # functions made by njit: the locator answers for these
+_WRITABLE: set[str] = set()  # cache directories found writable in this process
 
 
 def install_dependency_stamps() -> type | None:
@@ -263,6 +264,14 @@ def install_dependency_stamps() -> type | None:
 
         def get_source_stamp(self):
             return "flowmeter dependencies", source_stamp(self._stamped_file)
+
+        def ensure_cache_path(self):
+            # numba proves the directory writable with a temporary file for every kernel; the
+            # kernels of one file share a directory, which is proven once per process
+            path = self.get_cache_path()
+            if path not in _WRITABLE:
+                super().ensure_cache_path()
+                _WRITABLE.add(path)
 
         @classmethod
         def from_function(cls, py_func, py_file):

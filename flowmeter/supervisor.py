@@ -72,11 +72,13 @@ from flowmeter.ipc.schema import EndOfStream, ErrorReport, SchemaError, parse_co
 from flowmeter.notify import Notifier
 from flowmeter.recovery import CRASH_LOOP, CRASH_WINDOW_S, HANG_S, START_GRACE_S, Incident, Restarts
 from flowmeter.status import ChildInfo, PipelineReport, make_runtime_dir, runtime_base
-from flowmeter.warmup import drop_capabilities, drop_privileges, load_kernels, tune_allocator
+from flowmeter.warmup import (drop_capabilities, drop_privileges, load_kernels, release_compiler_pages,
+                              tune_allocator)
 from workers import process as worker_process
 
 WATCH_MS = 100  # the loop wakes at least this often (progress, status file), and at once on a child's exit
 GIVE_UP_S = 2.0  # after a stop at once, the children's time to count what they give up and report
+LAST_WORDS_S = 1.0  # at the end, the longest wait for the final report of a child that exited cleanly
 
 log = logging.getLogger("flowmeter.supervisor")
 
@@ -313,11 +315,11 @@ class Supervisor:
         self._start_children(rundir, control_endpoint, opened, rings)
         if self._metrics is not None:
             self._metrics.start()
+        release_compiler_pages()  # LLVM's code, mapped in this process only: not held at rest
         crashed: ChildInfo | None = None
         try:
             crashed = self._watch(control, rundir)
-            while control.poll(10):  # the children's last words, already on their way
-                self._read_control(control)
+            self._last_words(control)
         finally:
             self.report.elapsed = time.monotonic() - self.report.started
             for c in self.children:
@@ -562,6 +564,20 @@ class Supervisor:
                     c.process.kill()
                     c.process.join(5)
 
+    def _last_words(self, control: zmq.Socket) -> None:
+        """The children's last reports, already on their way once they have exited: read until every
+        child that ended cleanly has its final report in (``LAST_WORDS_S`` at most), then what else
+        is queued."""
+        deadline = time.monotonic() + LAST_WORDS_S
+        while any(c.process.exitcode == 0 and not c.final for c in self.children):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if control.poll(min(10, max(1, int(left * 1000)))):
+                self._read_control(control)
+        while control.poll(0):
+            self._read_control(control)
+
     def _read_control(self, sock: zmq.Socket) -> None:
         while True:
             try:
@@ -581,6 +597,7 @@ class Supervisor:
                 self.errors.append(msg.message)
             else:
                 child.counters = msg.counters
+                child.final = child.final or msg.final
 
 
 def _how(c: ChildInfo) -> str:

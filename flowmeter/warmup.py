@@ -4,7 +4,9 @@ Children are forked from a supervisor that has already paid every start-up
 cost a child would otherwise pay again (DESIGN.md "Data plane"): the heavy
 modules are imported, every numba kernel version a child will call is
 loaded (compiled, the first time on a machine), and glibc keeps freed batch
-buffers for reuse. Root is given up here too, after the capture sockets are
+buffers for reuse. LLVM's own code, which loading the kernels touched and
+nothing calls afterwards, is unmapped once the children are started
+(``release_compiler_pages``), so no process holds it at rest. Root is given up here too, after the capture sockets are
 open and before any child exists, so no child ever runs as root; and so is
 every capability (``drop_capabilities``): an open packet or netlink socket
 keeps working without the capability that opened it, so nothing after the
@@ -66,6 +68,70 @@ def load_kernels(source_kinds: frozenset[str] | set[str] = frozenset()) -> None:
         from flowmeter.capture.sources import nflog
 
         nflog.warm_up()
+
+
+COMPILER_LIBRARY = "libllvmlite"  # LLVM, as numba's llvmlite ships it (one shared library)
+
+
+def _read_only_file_mappings(name: str) -> list[tuple[int, int]]:
+    """(start, end) of this process's mappings of a file whose name starts with ``name`` that are
+    not writable and hold no page of their own (``Anonymous: 0``: nothing was relocated or written
+    in them): their pages are the file's, as read from the page cache."""
+    out, current = [], None
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(None, 5)  # the path, the last field, may hold spaces
+                if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):  # a mapping's first line
+                    current = None
+                    path = head[5].strip() if len(head) > 5 else ""
+                    if os.path.basename(path).startswith(name) and "w" not in head[1]:
+                        start, end = head[0].split("-")
+                        current = (int(start, 16), int(end, 16))
+                elif current is not None and head[0] == "Anonymous:":
+                    if int(head[1]) == 0:
+                        out.append(current)
+                    current = None
+    except OSError:
+        return []
+    return out
+
+
+def release_compiler_pages() -> int:
+    """Unmap LLVM's code and read-only data from this process once the kernels are loaded; the octets
+    of mappings released.
+
+    Starting LLVM runs its static initializers, spread over its 80 MB of
+    machine code: about 50-70 MB of it end up mapped in the process that
+    loaded the kernels, and stay mapped (and counted in its PSS, the
+    supervisor's) although a loaded kernel is machine code of its own and
+    never calls into LLVM again. ``MADV_DONTNEED`` drops these mappings'
+    page-table entries only: the pages stay in the page cache, and a later
+    compile (a kernel version not loaded here) maps what it needs again.
+    Only mappings that hold none of the process's own pages are released
+    (see ``_read_only_file_mappings``), so nothing written is lost. A fork
+    copies no page-table entry of such a mapping (a child maps what it
+    touches itself), so the supervisor releases them after starting its
+    children, off the start-up's path: reading ``/proc/self/smaps`` and the
+    release take a few milliseconds.
+    """
+    import ctypes
+    import mmap
+
+    ranges = _read_only_file_mappings(COMPILER_LIBRARY)
+    if not ranges:
+        return 0
+    try:
+        libc = _libc()
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    released = 0
+    for start, end in ranges:
+        if madvise(start, end - start, mmap.MADV_DONTNEED) == 0:
+            released += end - start
+    return released
 
 
 PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 24, 47, 4  # prctl(2)

@@ -314,7 +314,9 @@ class FlowTable:
         self._slots = np.zeros(min(self._max_capacity, INITIAL_SLOTS), dtype=np.uint64)
         self._rows = np.zeros(max_flows, dtype=ROW_DTYPE)
         self._rows_u8 = self._rows.view(np.uint8)
-        self._times = np.full((max_flows, 2), FREE_ROW, dtype=np.int64)
+        # Rows from st[USED_ROWS] up are never read (a row is written when it is taken): zeros, not
+        # FREE_ROW, so that the column's pages are not touched before flows use them.
+        self._times = np.zeros((max_flows, 2), dtype=np.int64)
         self._st = np.zeros(N_STATE, dtype=np.int64)
         self._st[IDLE] = idle_timeout_ns
         self._st[INTERVAL] = interval_ns

@@ -66,6 +66,11 @@ CONFIG_EXIT = 78  # a setting or a permission a restart cannot fix (sysexits EX_
 PROGRESS_S = 0.5  # a child's counters reach the supervisor this often (its heartbeat)
 URGENT_S = 0.02  # ... and this soon after a change of what a crash would lose
 CONTROL_LINGER_MS = 2000  # at exit, the last counters wait this long for the supervisor
+# A socket that connects before its peer has bound (the processes start at the same time) tries
+# again after RECONNECT_MS, doubling up to RECONNECT_MAX_MS: ZeroMQ's default is a flat 100 ms, a
+# stall that a short replay would pay whenever a consumer binds a moment after its producer starts.
+RECONNECT_MS = 2
+RECONNECT_MAX_MS = 100
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -321,6 +326,8 @@ class StageRuntime:
         if bind:
             sock.bind(bind)
         if connect:
+            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
             sock.connect(connect)
         self._sockets.append((sock, close_linger_ms))
         return sock

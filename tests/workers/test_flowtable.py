@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowmeter.ipc.packets import DIR_EGRESS, DIR_INGRESS, DIR_UNKNOWN, PACKET_DTYPE
+from workers.flowrows import USED_ROWS
 from workers.flowtable import FlowTable, load_kernels
 from workers.records import END_ACTIVE, END_FORCED, END_IDLE, END_LACK_OF_RESOURCES, END_OF_FLOW, FLOW_RECORD_DTYPE
 
@@ -252,7 +253,7 @@ def assert_index_consistent(table: FlowTable) -> None:
             while j != i:  # no empty slot between home and the entry, or probing stops short
                 assert slots[j] != 0
                 j = (j + 1) % cap
-    assert sorted(used) == sorted(np.flatnonzero(times[:, 1] >= 0).tolist())
+    assert sorted(used) == sorted(np.flatnonzero(times[:table._st[USED_ROWS], 1] >= 0).tolist())
     assert len(used) == table.active <= table.max_flows
 
 
