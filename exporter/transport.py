@@ -151,6 +151,7 @@ PEER_PATIENCE_S = 0.5  # a local collector that reads nothing for this long is n
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
 _NLM_F_REQUEST = 1
+_NLMSG_ERROR = 2
 _INET_DIAG_SKMEMINFO = 7  # attribute: u32 sk_meminfo[]: rmem_alloc, rcvbuf, ...
 _INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 _NLMSG = struct.Struct("=IHHII")
@@ -191,19 +192,24 @@ class _UdpSocketDiag:
         self.request = _NLMSG.pack(_NLMSG.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + body
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG)
         self.sock.setblocking(False)
+        self.absent = False  # the last answer was the kernel's: no socket receives there
 
     def read(self) -> tuple[int, int | None] | None:
-        """``(queued octets, receive buffer)``; None if no socket receives there (or no answer)."""
+        """``(queued octets, receive buffer)``; None if no socket receives there (``absent``) or no answer."""
+        self.absent = False
         try:
             self.sock.send(self.request)
             reply = self.sock.recv(4096)  # the kernel answers within the send
         except OSError:
             return None
+        if len(reply) >= _NLMSG.size and _NLMSG.unpack_from(reply)[1] == _NLMSG_ERROR:
+            self.absent = True  # ENOENT: nobody listens there
+            return None
         if len(reply) < _NLMSG.size + _DIAG_MSG_LEN:
             return None
         length, kind = _NLMSG.unpack_from(reply)[:2]
         if kind != _SOCK_DIAG_BY_FAMILY:
-            return None  # NLMSG_ERROR: ENOENT, nobody listens there
+            return None
         length = min(length, len(reply))
         queued = int.from_bytes(reply[_NLMSG.size + _RQUEUE_AT:_NLMSG.size + _RQUEUE_AT + 4], "little")
         buffer = None
@@ -219,6 +225,21 @@ class _UdpSocketDiag:
 
     def close(self) -> None:
         self.sock.close()
+
+    @classmethod
+    def finds_own(cls, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Whether the kernel's lookup finds a UDP socket bound at ``ip`` just now (UDP diagnostics work)."""
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as own:
+                own.bind((str(ip), 0))
+                diag = cls(ip, own.getsockname()[1])
+                try:
+                    return diag.read() is not None
+                finally:
+                    diag.close()
+        except OSError:
+            return False
 
 
 class LocalPeerQueue:
@@ -247,6 +268,9 @@ class LocalPeerQueue:
             self._diag: _UdpSocketDiag | None = _UdpSocketDiag(ip, port)
         except OSError:
             self._diag = None
+        # whether "no socket there" from netlink can be believed: it finds a socket this process binds
+        # (a kernel without UDP socket diagnostics answers "none" for every one)
+        self._diag_sure = self._diag is not None and _UdpSocketDiag.finds_own(ip)
         try:
             with open("/proc/sys/net/core/rmem_default") as fh:
                 buffer = int(fh.read())
@@ -279,6 +303,8 @@ class LocalPeerQueue:
                 if buffer:
                     self.limit = int(buffer * PEER_FILL)
                 return queued
+            if self._diag.absent and self._diag_sure:  # the kernel looked and found no socket: neither
+                return None                                # would /proc/net/udp (read as text: costly)
         try:
             with open(self.path) as fh:
                 lines = fh.read().splitlines()[1:]
