@@ -13,7 +13,7 @@ reported (``flowmeter.ipc.counters``); a ``PipelineReport`` reads them:
   rewritten whole every second, which ``flowmeter status`` reads
   (``running_status``, ``describe_runs``): with the packet rate of each
   source over the last second and each running process's CPU seconds and
-  resident memory (``process_usage``, read from the kernel's ``/proc``);
+  resident memory (``process_usage``, read from the kernel by psutil);
 * ``lost_packets()``, ``packets_by_source()``: figures ``flowmeter.metrics``
   serves to Prometheus as well.
 """
@@ -430,33 +430,21 @@ def describe_runs(runs: list[dict]) -> str:
 
 def process_usage(children: list[ChildInfo]) -> list[tuple[str, str, float, int]]:
     """``(name, role, CPU seconds, resident octets)`` of this process (the supervisor) and of every
-    child of ``children`` still running, read from the kernel now (``/proc/PID/stat`` and ``statm``,
-    as ``ps`` reads them): a child's own ``cpu_s`` is as old as its last report, and it does not
-    report its memory."""
+    child of ``children`` still running, read from the kernel now (psutil): a child's own
+    ``cpu_s`` is as old as its last report, and it does not report its memory."""
+    import psutil  # at the first status write, not at every command's start
+
     out = []
     for name, role, pid in [("supervisor", "supervisor", os.getpid())] + \
             [(c.name, c.role, c.process.pid) for c in children if c.process.exitcode is None]:
-        usage = _usage(pid)
-        if usage is not None:  # else it ended meanwhile
-            out.append((name, role, *usage))
+        try:
+            p = psutil.Process(pid)
+            with p.oneshot():
+                t, rss = p.cpu_times(), p.memory_info().rss
+        except psutil.Error:  # it ended meanwhile
+            continue
+        out.append((name, role, t.user + t.system, rss))
     return out
-
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _usage(pid: int) -> tuple[float, int] | None:
-    """(user + system CPU seconds, resident octets) of one process; None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat_line = f.read()
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            statm = f.read().split()
-        fields = stat_line[stat_line.rindex(b")") + 2:].split()  # after the name, which may hold spaces
-        return (int(fields[11]) + int(fields[12])) / _TICKS, int(statm[1]) * _PAGE  # utime, stime; resident
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _alive(pid: int) -> bool:

@@ -73,7 +73,7 @@ class Run:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         deadline = time.monotonic() + 300  # the first run on a machine compiles the kernels
-        while sum(" open" in line for line in self.lines) < opened:
+        while sum(line.rstrip().endswith(" open") for line in self.lines) < opened:  # "SOURCE open"
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.proc.kill()
                 self._reader.join(5)
