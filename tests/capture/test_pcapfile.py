@@ -764,21 +764,31 @@ def test_replay_of_a_capture_cut_by_another_process_exits_1_with_one_line(tmp_pa
                             cwd=Path(__file__).resolve().parents[2])
     cut = threading.Event()
 
-    def cut_when_open() -> None:  # the other process: cut the file as soon as a capture has it open
+    def cut_when_reading() -> None:
+        """The other process: cut the file once a capture process has it open and has read a first
+        block of it (at least 1 MiB more than it had read when the file was seen open), so that it
+        knew the file's whole size before the cut; cut at open, the file would be one that was
+        simply short from the start (its own one line: a truncated record)."""
         me = psutil.Process(proc.pid)
         deadline = time.monotonic() + 60
+        reader, before = None, 0
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                pids = [proc.pid] + [c.pid for c in me.children(recursive=True)]
+                if reader is None:
+                    for pid in [proc.pid] + [c.pid for c in me.children(recursive=True)]:
+                        if _open_by([pid], str(path)):
+                            reader = psutil.Process(pid)
+                            before = reader.io_counters().read_chars
+                            break
+                elif reader.io_counters().read_chars - before >= 1 << 20:
+                    os.truncate(path, cut_to)
+                    cut.set()
+                    return
             except psutil.Error:
-                return
-            if _open_by(pids, str(path)):
-                os.truncate(path, cut_to)
-                cut.set()
                 return
             time.sleep(0.001)
 
-    cutter = threading.Thread(target=cut_when_open)
+    cutter = threading.Thread(target=cut_when_reading)
     cutter.start()
     try:
         out, err = proc.communicate(timeout=120)
