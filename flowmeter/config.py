@@ -512,6 +512,8 @@ def _feed_clock_skew(value: float) -> float:
 
 def _feed_rules(values: dict[str, Any]) -> tuple[str, str] | None:
     """(where, why) a feed of ``Sources`` is not allowed by the feed settings; None if all are."""
+    if not any(spec.kind == "feed" for spec in values["sources"]):
+        return None  # the feed source (and the kernels it imports: numba) is not loaded for nothing
     from flowmeter.capture.sources.feed import FeedSecurity, feed_refusal
 
     security = FeedSecurity(values["feed_server_key"], values["feed_allowed_keys"], values["feed_socket_mode"],

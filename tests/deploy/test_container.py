@@ -24,9 +24,9 @@ first time on a machine (debootstrap, then apt inside the image builds).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import json
 import subprocess
 import time
 import urllib.parse
@@ -35,6 +35,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+
+from tests.support.steps import Steps
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = "flowmeter-ci"
@@ -47,17 +49,8 @@ PORT = 5999  # the test traffic's destination port on the collector: nothing lis
 DATAGRAMS = 20
 
 
-def run(step: str, args: list[str], timeout: float = 120) -> str:
-    """Run a command of ``step``; its output, or a failure naming the step and the last lines said."""
-    try:
-        done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"container: {step}: {' '.join(args)} took more than {timeout:.0f} s", pytrace=False)
-    if done.returncode != 0:
-        said = (done.stdout + done.stderr).strip().splitlines()[-15:]
-        pytest.fail(f"container: {step}: {' '.join(args)} exited {done.returncode}:\n" + "\n".join(said),
-                    pytrace=False)
-    return done.stdout
+STEPS = Steps("container", poll_s=1)
+run, wait_for = STEPS.run, STEPS.wait_for
 
 
 def compose(*args: str) -> list[str]:
@@ -113,16 +106,6 @@ def figure(query: str, at: float | None = None) -> float | None:
     return float(data["result"][0]["value"][1])
 
 
-def wait_for(step: str, what: str, check, seconds: float):
-    """``check()``'s first true value; a failure naming ``step`` and ``what`` after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"container: {step}: {what} within {seconds:.0f} s (last answer: {value!r})", pytrace=False)
-        time.sleep(1)
 
 
 def test_compose_stack_meters_its_network_into_nfcapd(podman):

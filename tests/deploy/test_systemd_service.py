@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.steps import Steps
+
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "localhost/flowmeter-systemd-test"
 NAME = "flowmeter-systemd-ci"
@@ -61,15 +63,8 @@ table inet fmtest {{
 """
 
 
-def run(step: str, args: list[str], timeout: float = 120, check: bool = True) -> str:
-    try:
-        done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"systemd: {step}: {' '.join(args)} took more than {timeout:.0f} s", pytrace=False)
-    if check and done.returncode != 0:
-        said = (done.stdout + done.stderr).strip().splitlines()[-20:]
-        pytest.fail(f"systemd: {step}: {' '.join(args)} exited {done.returncode}:\n" + "\n".join(said), pytrace=False)
-    return done.stdout
+STEPS = Steps("systemd")
+run, wait_for = STEPS.run, STEPS.wait_for
 
 
 def inside(step: str, command: str, timeout: float = 120, check: bool = True) -> str:
@@ -82,15 +77,6 @@ def unit_show(*props: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in said.splitlines() if "=" in line)
 
 
-def wait_for(step: str, what: str, check, seconds: float):
-    deadline = time.monotonic() + seconds
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"systemd: {step}: {what} within {seconds:.0f} s (last: {value!r})", pytrace=False)
-        time.sleep(0.5)
 
 
 def journal(*args: str) -> str:
