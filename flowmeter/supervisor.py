@@ -205,31 +205,24 @@ class Supervisor:
         except OSError as exc:
             self.errors.append(str(exc))
             return 1
-        try:
-            self._metrics = self._bind_metrics()
-        except OSError as exc:
-            for _spec, source in opened:
-                if source is not None:
-                    source.close()
-            self.errors.append(f"MetricsAddress: cannot listen on {self.profile.metrics_address}: "
-                               f"{exc.strerror or exc}")
-            return 1
-        if os.geteuid() == 0 and not self.profile.user and self.live:  # a service, meeting strangers' packets
-            log.warning("running as root: every process, the packet parsers included, keeps root's privileges; "
-                        "set User to a user of its own to run as it once the sources are open")
-        try:
-            rundir = make_runtime_dir()
-        except OSError as exc:
-            for _spec, source in opened:
-                if source is not None:
-                    source.close()
-            if self._metrics is not None:
-                self._metrics.close()
-            self.errors.append(f"cannot make the run's directory in {runtime_base()}: {exc.strerror or exc}")
-            return 1
-        self._profile_copy = os.path.join(rundir, "profile.json")  # what a reload applies (checked here first)
-        old = {s: signal.signal(s, self._on_signal) for s in self._handlers}
-        try:
+        rundir, old = None, {}
+        try:  # from here on, whatever happens, the sources, the metrics socket and the run's directory go
+            try:
+                self._metrics = self._bind_metrics()
+            except OSError as exc:
+                self.errors.append(f"MetricsAddress: cannot listen on {self.profile.metrics_address}: "
+                                   f"{exc.strerror or exc}")
+                return 1
+            if os.geteuid() == 0 and not self.profile.user and self.live:  # a service, meeting strangers' packets
+                log.warning("running as root: every process, the packet parsers included, keeps root's "
+                            "privileges; set User to a user of its own to run as it once the sources are open")
+            try:
+                rundir = make_runtime_dir()
+            except OSError as exc:
+                self.errors.append(f"cannot make the run's directory in {runtime_base()}: {exc.strerror or exc}")
+                return 1
+            self._profile_copy = os.path.join(rundir, "profile.json")  # what a reload applies (checked first)
+            old = {s: signal.signal(s, self._on_signal) for s in self._handlers}
             if self.profile.user and os.geteuid() == 0:
                 try:
                     drop_privileges(self.profile.user, rundir, self.profile.groups)
@@ -251,7 +244,8 @@ class Supervisor:
                 signal.signal(s, h)
             if self._metrics is not None:
                 self._metrics.close()
-            shutil.rmtree(rundir, ignore_errors=True)
+            if rundir is not None:
+                shutil.rmtree(rundir, ignore_errors=True)
 
     def _bind_metrics(self):
         """``/metrics`` bound now (root may still bind a low port; a port in use stops the start), served

@@ -130,21 +130,27 @@ SIZES = (10, 200, 1000)
 SENT = (len(SIZES), len(SIZES) * 28 + sum(SIZES))  # packets, IPv4 + UDP octets
 
 
-@pytest.mark.parametrize("crash", [False, True], ids=["", "capture-restarted"])
-def test_afpacket_as_a_user_with_ambient_capabilities_keeps_none(lab, tmp_path, as_user, crash):
-    ns, a, b = lab
+def meter_as_user(where: str, source: str, sport: int, as_user, tmp_path, crash: bool, sender: str) -> None:
+    """``flowmeter run`` of ``source`` in namespace ``where`` as the user: no capability in any of its
+    processes (also after a capture restart), and nfcapd gets exactly the datagrams ``sender`` sent."""
     wrap, shared, env = as_user
-    with NsNfcapd(a, tmp_path) as nf:
-        run = Run(a, shared, 1, wrap=wrap, env=env, Sources=["afpacket:va"], IpFixCollectors=[nf.collector])
+    with NsNfcapd(where, tmp_path) as nf:
+        run = Run(where, shared, 1, wrap=wrap, env=env, Sources=[source], IpFixCollectors=[nf.collector])
         if crash:
             crash_capture(run)
         assert_no_capability(run, Path(env["RUNTIME_DIRECTORY"]))
-        send(SIZES, 7100, 7101, a)
+        send(SIZES, sport, sport + 1, sender)
         time.sleep(0.3)
         run.stop()
         packets, octets = udp_flows(nf.records())
-    key = (A4, B4, 7100, 7101)
+    key = (A4, B4, sport, sport + 1)
     assert dict(packets) == {key: SENT[0]} and dict(octets) == {key: SENT[1]}, (packets, octets)
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["", "capture-restarted"])
+def test_afpacket_as_a_user_with_ambient_capabilities_keeps_none(lab, tmp_path, as_user, crash):
+    ns, a, b = lab
+    meter_as_user(a, "afpacket:va", 7100, as_user, tmp_path, crash, sender=a)
 
 
 NFT_INPUT = """
@@ -160,21 +166,10 @@ table inet fmlp {
 @pytest.mark.parametrize("crash", [False, True], ids=["", "capture-restarted"])
 def test_nflog_as_a_user_with_ambient_capabilities_keeps_none(lab, tmp_path, as_user, crash):
     ns, a, b = lab
-    wrap, shared, env = as_user
     rules = tmp_path / "input.nft"
     rules.write_text(NFT_INPUT)
     ns.run(b, "nft", "-f", str(rules))
-    with NsNfcapd(b, tmp_path) as nf:
-        run = Run(b, shared, 1, wrap=wrap, env=env, Sources=["nflog:7"], IpFixCollectors=[nf.collector])
-        if crash:
-            crash_capture(run)
-        assert_no_capability(run, Path(env["RUNTIME_DIRECTORY"]))
-        send(SIZES, 7200, 7201, a)
-        time.sleep(0.3)
-        run.stop()
-        packets, octets = udp_flows(nf.records())
-    key = (A4, B4, 7200, 7201)
-    assert dict(packets) == {key: SENT[0]} and dict(octets) == {key: SENT[1]}, (packets, octets)
+    meter_as_user(b, "nflog:7", 7200, as_user, tmp_path, crash, sender=a)
 
 
 @pytest.mark.parametrize("source, says", [
